@@ -1,0 +1,303 @@
+"""The continuous normalizing flow: likelihoods from the continuity equation.
+
+Time runs from t=0 (base p0) to t=1 (data p1) with dx/dt = u(x, t). Along a trajectory
+d/dt log p_t(x(t)) = -div u(x(t), t), so
+
+    log p1(x1) = log p0(x0) - integral_0^1 div u(x(t), t) dt,
+
+computed by integrating the augmented state (x, a) with da/dt = div u from t=1 back to t=0:
+then a(0) = -integral_0^1 div u and log p1(x1) = log p0(x(0)) + a(0).
+
+References: Chen et al. (2018), "Neural ODEs"; Grathwohl et al. (2019), "FFJORD".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cnf.data import check_batch
+from cnf.divergence import (
+    DIVERGENCES,
+    NOISES,
+    draw_probe,
+    exact_divergence,
+    hutchinson_divergence,
+)
+from cnf.solver import Solver, SolveStats, solve
+
+
+class StandardNormal(nn.Module):
+    """N(0, I) on R^dim that follows the module's device and dtype."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def sample(self, shape: Sequence[int] = (), generator: torch.Generator | None = None) -> torch.Tensor:
+        anchor = self._anchor
+        return torch.randn((*shape, self.dim), dtype=anchor.dtype, device=anchor.device, generator=generator)
+
+
+def base_log_prob(base: Any, z: torch.Tensor) -> torch.Tensor:
+    """log p0(z) per sample for cnf's StandardNormal or any torch Distribution."""
+    logp = base.log_prob(z)
+    if logp.shape == z.shape:  # a factorised distribution without Independent
+        logp = logp.sum(-1)
+    return logp
+
+
+def base_sample(base: Any, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    if isinstance(base, StandardNormal):
+        return base.sample((n,), generator=generator)
+    return base.sample((n,))
+
+
+def check_base(base: Any, dim: int) -> Any:
+    if base is None:
+        return StandardNormal(dim)
+    if not (callable(getattr(base, "log_prob", None)) and callable(getattr(base, "sample", None))):
+        raise TypeError(f"base must have log_prob and sample (a torch Distribution), got {base!r}")
+    return base
+
+
+class AugmentedDynamics(nn.Module):
+    """Right-hand side of the augmented ODE: (dx/dt, da/dt) = (u(x, t), div u(x, t))."""
+
+    def __init__(self, field: nn.Module, divergence: str, probe: torch.Tensor | None) -> None:
+        super().__init__()
+        self.field = field
+        self.divergence = divergence
+        self.probe = probe
+
+    def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = state[0]
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not create_graph or not x.requires_grad:
+                x = x.detach().requires_grad_(True)
+            f = self.field(t, x)
+            if not f.requires_grad:  # the field does not depend on x
+                div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            elif self.divergence == "exact":
+                div = exact_divergence(f, x, create_graph)
+            else:
+                div = hutchinson_divergence(f, x, self.probe, create_graph)
+        if not create_graph:
+            f, div = f.detach(), div.detach()
+        return f, div
+
+
+class PositionDynamics(nn.Module):
+    """dx/dt = u(x, t) alone: sampling and inverses need no divergence."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.field(t, x)
+
+
+class CNF(nn.Module):
+    """A continuous normalizing flow driven by a velocity field ``field(t, x)``.
+
+    Args:
+        field: an ``nn.Module`` with ``forward(t, x)`` returning a tensor shaped like x.
+        dim: data dimension (default: ``field.dim``).
+        base: the base distribution p0 (default: standard normal); any object with
+            ``log_prob`` and ``sample``, e.g. a ``torch.distributions.Distribution``.
+        divergence: ``exact`` (trace of the Jacobian) or ``hutchinson`` (one probe per solve).
+        noise: Hutchinson probe distribution, ``gaussian`` or ``rademacher``.
+        solver: a :class:`cnf.Solver` (default dopri5 at rtol=atol=1e-5).
+    """
+
+    kind = "cnf"
+
+    def __init__(
+        self,
+        field: nn.Module,
+        dim: int | None = None,
+        *,
+        base: Any = None,
+        divergence: str = "exact",
+        noise: str = "gaussian",
+        solver: Solver | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(field, nn.Module) or not callable(getattr(field, "forward", None)):
+            raise TypeError(f"field must be an nn.Module with forward(t, x), got {type(field).__name__}")
+        if divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+        if noise not in NOISES:
+            raise ValueError(f"unknown noise {noise!r}; choose one of {NOISES}")
+        if solver is None:
+            solver = Solver()
+        if not isinstance(solver, Solver):
+            raise TypeError(f"solver must be a cnf.Solver, got {solver!r}")
+        dim = getattr(field, "dim", None) if dim is None else dim
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int (or field.dim must exist), got {dim!r}")
+        self.field = field
+        self.dim = dim
+        self.base = check_base(base, dim)
+        self.divergence = divergence
+        self.noise = noise
+        self.solver = solver
+        self.stats = SolveStats()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _times(self, start: float, end: float, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([start, end], dtype=like.dtype, device=like.device)
+
+    def _probe(
+        self, x: torch.Tensor, generator: torch.Generator | None, probe: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if self.divergence != "hutchinson":
+            return None
+        if probe is not None:
+            if probe.shape != x.shape:
+                raise ValueError(f"probe must have the shape of x {tuple(x.shape)}, got {tuple(probe.shape)}")
+            return probe
+        return draw_probe(x, self.noise, generator)
+
+    def _augmented_solve(
+        self,
+        x: torch.Tensor,
+        start: float,
+        end: float,
+        name: str,
+        generator: torch.Generator | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dynamics = AugmentedDynamics(self.field, self.divergence, self._probe(x, generator, probe))
+        a0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        self.stats = SolveStats()
+        xs, a = solve(dynamics, (x, a0), self._times(start, end, x), self.solver, self.stats, name=name)
+        return xs[-1], a[-1]
+
+    @staticmethod
+    def _check_time(t: float, name: str = "t") -> float:
+        t = float(t)
+        if not 0.0 <= t <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {t!r}")
+        return t
+
+    # -- public surface --------------------------------------------------------------------
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        t: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p_t(x) per sample (default t=1: the model density), shape (batch,).
+
+        Solves the augmented state from t back to 0. With ``divergence="hutchinson"`` one probe
+        is drawn per call (from ``generator`` if given) and held fixed during the solve.
+        """
+        z, delta_logp = self.transform(x, t, generator=generator, probe=probe)
+        return base_log_prob(self.base, z) + delta_logp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.log_prob(x)
+
+    def transform(
+        self,
+        x: torch.Tensor,
+        t: float = 1.0,
+        *,
+        generator: torch.Generator | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Data -> base: ``(z, delta_logp)`` with log p_t(x) = log p0(z) + delta_logp."""
+        check_batch(x, self.dim, "x")
+        t = self._check_time(t)
+        if t == 0.0:
+            return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        return self._augmented_solve(x, t, 0.0, "scoring", generator, probe)
+
+    def inverse(self, z: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+        """Base -> data: solve dx/dt = u from 0 to t (no divergence needed)."""
+        check_batch(z, self.dim, "z")
+        t = self._check_time(t)
+        if t == 0.0:
+            return z
+        self.stats = SolveStats()
+        xs = solve(
+            PositionDynamics(self.field), z, self._times(0.0, t, z), self.solver, self.stats, name="sampling"
+        )
+        return xs[-1]
+
+    def inverse_and_log_prob(
+        self,
+        z: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base -> data with densities: ``(x, log p1(x))`` from one forward solve 0 -> 1."""
+        check_batch(z, self.dim, "z")
+        x, a = self._augmented_solve(z, 0.0, 1.0, "sampling", generator, probe)
+        # a(1) = integral_0^1 div u, so log p1(x1) = log p0(z) - a(1).
+        return x, base_log_prob(self.base, z) - a
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples of p1, shape (n, dim)."""
+        return self.inverse(self._base_sample(n, generator))
+
+    def sample_and_log_prob(
+        self, n: int, *, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` samples and their log densities (differentiable: used by variational inference)."""
+        return self.inverse_and_log_prob(self._base_sample(n, generator), generator=generator)
+
+    def _base_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        return base_sample(self.base, n, generator)
+
+    def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+        """Positions of the points x0 (at t=0) at the times ``ts``: shape (len(ts), batch, dim)."""
+        check_batch(x0, self.dim, "x0")
+        times = torch.as_tensor(ts, dtype=x0.dtype, device=x0.device).flatten()
+        if times.numel() == 0 or not torch.isfinite(times).all():
+            raise ValueError(f"ts must be a non-empty sequence of finite times, got {ts!r}")
+        if (times < 0).any() or (times > 1).any():
+            raise ValueError(f"ts must lie in [0, 1], got {times.tolist()}")
+        order = torch.argsort(times)
+        sorted_times = times[order]
+        if (sorted_times[1:] == sorted_times[:-1]).any():
+            raise ValueError(f"ts must not repeat a time, got {times.tolist()}")
+        grid = torch.cat([sorted_times.new_zeros(1), sorted_times]) if sorted_times[0] > 0 else sorted_times
+        self.stats = SolveStats()
+        if grid.numel() == 1:
+            path = x0.unsqueeze(0)
+        else:
+            path = solve(PositionDynamics(self.field), x0, grid, self.solver, self.stats, name="trajectory")
+        if sorted_times[0] > 0:
+            path = path[1:]
+        result = torch.empty_like(path)
+        result[order] = path
+        return result
+
+    def config(self) -> dict[str, Any]:
+        """What rebuilds this flow (with an :class:`MLPField`) from a checkpoint."""
+        field_config = self.field.config() if callable(getattr(self.field, "config", None)) else None
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "field": field_config,
+            "divergence": self.divergence,
+            "noise": self.noise,
+            "solver": self.solver.to_dict(),
+        }

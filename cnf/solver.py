@@ -1,0 +1,235 @@
+"""Solver settings and the one place that calls torchdiffeq.
+
+A :class:`Solver` holds everything that decides how an ODE is integrated; :func:`solve` runs
+one solve with those settings, counts function evaluations, enforces the step budget and turns
+torchdiffeq's bare ``AssertionError`` (step budget, step-size underflow) into a
+:class:`SolverError` that says which solve failed, where, and what to try.
+
+Reference: Chen et al. (2018), "Neural Ordinary Differential Equations" (torchdiffeq).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+from torchdiffeq import odeint, odeint_adjoint
+from torchdiffeq._impl.odeint import SOLVERS
+
+ADAPTIVE_METHODS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun")
+FIXED_STEP_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
+METHODS = tuple(sorted(SOLVERS))
+
+
+class SolverError(RuntimeError):
+    """An ODE solve that could not finish: step budget exhausted or step size underflow."""
+
+
+def _check_tolerance(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Solver:
+    """How to integrate the flow's ODE.
+
+    Args:
+        method: any torchdiffeq method (``dopri5``, ``bosh3``, ``rk4``, ``euler``, ...).
+        rtol, atol: tolerances of adaptive methods.
+        step_size: step of fixed-step methods (``euler``, ``rk4``, ...); default 0.05.
+        adjoint: compute parameter gradients by the adjoint method (O(1) memory).
+        adjoint_rtol, adjoint_atol: tolerances of the backward adjoint solve
+            (default: the forward ones).
+        max_steps: step budget of one solve; exceeding it raises :class:`SolverError`.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    step_size: float | None = None
+    adjoint: bool = False
+    adjoint_rtol: float | None = None
+    adjoint_atol: float | None = None
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown solver method {self.method!r}; choose one of {METHODS}")
+        _check_tolerance("rtol", self.rtol)
+        _check_tolerance("atol", self.atol)
+        if self.adjoint_rtol is not None:
+            _check_tolerance("adjoint_rtol", self.adjoint_rtol)
+        if self.adjoint_atol is not None:
+            _check_tolerance("adjoint_atol", self.adjoint_atol)
+        if self.step_size is not None:
+            _check_tolerance("step_size", self.step_size)
+            if self.is_adaptive:
+                raise ValueError(
+                    f"step_size={self.step_size!r} only applies to fixed-step methods; "
+                    f"method {self.method!r} is adaptive (set rtol/atol instead)"
+                )
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1:
+            raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
+        if not isinstance(self.adjoint, bool):
+            raise TypeError(f"adjoint must be a bool, got {self.adjoint!r}")
+
+    @property
+    def is_adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    @property
+    def fixed_step(self) -> float:
+        """The step of a fixed-step method."""
+        return 0.05 if self.step_size is None else self.step_size
+
+    def with_(self, **changes: Any) -> Solver:
+        """A copy with some settings changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> Solver:
+        known = {k: v for k, v in settings.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class SolveStats:
+    """Counts of the last solve of a flow.
+
+    ``nfe_forward``: evaluations of the velocity field in the forward solve;
+    ``nfe_backward``: evaluations in the adjoint backward solve (0 with direct backprop, whose
+    backward pass replays the recorded graph instead of calling the field);
+    ``steps``: accepted steps of the forward solve.
+    """
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    steps: int = 0
+    solve: str = ""
+
+    @property
+    def nfe(self) -> int:
+        return self.nfe_forward + self.nfe_backward
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "nfe": self.nfe}
+
+
+_ADVICE = (
+    "try a looser tolerance (larger rtol/atol), a larger max_steps, regularisation of the "
+    "field (kinetic energy / Jacobian norm), or a smaller learning rate"
+)
+
+
+class CountedDynamics(nn.Module):
+    """Wraps dynamics ``f(t, state)`` to count evaluations and accepted steps for one solve.
+
+    It is an ``nn.Module`` so that the adjoint method finds the field's parameters.
+    """
+
+    def __init__(self, dynamics: nn.Module, stats: SolveStats) -> None:
+        super().__init__()
+        self.dynamics = dynamics
+        self.stats = stats
+        self.backward_phase = False
+        self.last_t: torch.Tensor | float = float("nan")
+
+    def forward(self, t: torch.Tensor, state: Any) -> Any:
+        if self.backward_phase:
+            self.stats.nfe_backward += 1
+        else:
+            self.stats.nfe_forward += 1
+            self.last_t = t.detach()
+        return self.dynamics(t, state)
+
+    def callback_step(self, t0: torch.Tensor, y0: Any, dt: torch.Tensor) -> None:
+        if not self.backward_phase:
+            self.last_t = t0.detach()
+
+
+class CountedAdaptiveDynamics(CountedDynamics):
+    """Also counts accepted steps (a callback only adaptive torchdiffeq solvers make)."""
+
+    def callback_accept_step(self, t0: torch.Tensor, y0: Any, dt: torch.Tensor) -> None:
+        if not self.backward_phase:
+            self.stats.steps += 1
+
+
+def solve(
+    dynamics: nn.Module,
+    state0: Any,
+    times: torch.Tensor,
+    solver: Solver,
+    stats: SolveStats,
+    *,
+    name: str,
+    norm: Callable[[Any], torch.Tensor] | None = None,
+) -> Any:
+    """Integrate ``d state/dt = dynamics(t, state)`` over ``times``; the one torchdiffeq call.
+
+    ``name`` (e.g. "scoring", "sampling") appears in error messages. ``norm`` is passed to
+    adaptive solvers to choose which states take part in step-size control.
+    """
+    wrapper = CountedAdaptiveDynamics if solver.is_adaptive else CountedDynamics
+    counted = wrapper(dynamics, stats)
+    stats.solve = name
+    options: dict[str, Any] = {}
+    if solver.is_adaptive:
+        options["max_num_steps"] = solver.max_steps
+        if norm is not None:
+            options["norm"] = norm
+    else:
+        span = float((times[-1] - times[0]).abs())
+        needed = math.ceil(span / solver.fixed_step - 1e-9)
+        if needed > solver.max_steps:
+            raise SolverError(
+                f"{name} solve with method={solver.method!r} and step_size={solver.fixed_step} "
+                f"needs {needed} steps, over the step budget max_steps={solver.max_steps}; "
+                "use a larger step_size or raise max_steps"
+            )
+        options["step_size"] = solver.fixed_step
+        stats.steps = needed
+    kwargs: dict[str, Any] = dict(rtol=solver.rtol, atol=solver.atol, method=solver.method, options=options)
+    try:
+        if solver.adjoint:
+            adjoint_options = dict(options)
+            if solver.is_adaptive:
+                # The default adjoint norm already ignores the parameter-gradient states.
+                adjoint_options.pop("norm", None)
+            result = odeint_adjoint(
+                counted,
+                state0,
+                times,
+                adjoint_rtol=solver.adjoint_rtol or solver.rtol,
+                adjoint_atol=solver.adjoint_atol or solver.atol,
+                adjoint_options=adjoint_options,
+                **kwargs,
+            )
+        else:
+            result = odeint(counted, state0, times, **kwargs)
+    except AssertionError as error:
+        message = str(error)
+        if "max_num_steps" in message:
+            problem = f"exceeded its step budget max_steps={solver.max_steps}"
+        elif "underflow" in message:
+            problem = "hit a step-size underflow (the field is too stiff for this solver)"
+        else:
+            raise
+        raise SolverError(
+            f"{name} solve with method={solver.method!r}, rtol={solver.rtol:g}, atol={solver.atol:g} "
+            f"{problem} at t={float(counted.last_t):.6g} after {stats.steps} accepted steps and "
+            f"{stats.nfe_forward} evaluations; {_ADVICE}"
+        ) from error
+    counted.backward_phase = True
+    return result
