@@ -1,9 +1,12 @@
 """cnf: continuous normalizing flows (neural-ODE flows) on PyTorch and torchdiffeq."""
 
+from cnf.checkpoint import load_checkpoint, save_checkpoint
 from cnf.divergence import exact_divergence, hutchinson_divergence
 from cnf.fields import LinearField, MLPField
 from cnf.flow import CNF, StandardNormal
+from cnf.planar import PlanarFlow
 from cnf.solver import Solver, SolverError, SolveStats
+from cnf.training import TrainingError, TrainSettings, evaluate_nll, train
 
 __version__ = "0.1.0"
 
@@ -11,11 +14,18 @@ __all__ = [
     "CNF",
     "LinearField",
     "MLPField",
+    "PlanarFlow",
     "Solver",
     "SolverError",
     "SolveStats",
     "StandardNormal",
+    "TrainSettings",
+    "TrainingError",
     "__version__",
+    "evaluate_nll",
     "exact_divergence",
     "hutchinson_divergence",
+    "load_checkpoint",
+    "save_checkpoint",
+    "train",
 ]

@@ -159,11 +159,26 @@ class CountedDynamics(nn.Module):
 
 
 class CountedAdaptiveDynamics(CountedDynamics):
-    """Also counts accepted steps (a callback only adaptive torchdiffeq solvers make)."""
+    """Also counts accepted steps, and enforces the step budget of the adjoint backward solve
+    (torchdiffeq's own check there would surface as a bare AssertionError inside backward())."""
+
+    def __init__(self, dynamics: nn.Module, stats: SolveStats, solver: Solver) -> None:
+        super().__init__(dynamics, stats)
+        self.solver = solver
+        self.backward_steps = 0
 
     def callback_accept_step(self, t0: torch.Tensor, y0: Any, dt: torch.Tensor) -> None:
         if not self.backward_phase:
             self.stats.steps += 1
+
+    def callback_step_adjoint(self, t0: torch.Tensor, y0: Any, dt: torch.Tensor) -> None:
+        self.backward_steps += 1
+        if self.backward_steps >= self.solver.max_steps:
+            raise SolverError(
+                f"adjoint backward pass of the {self.stats.solve} solve exceeded its step budget "
+                f"max_steps={self.solver.max_steps} at t={float(t0):.6g} after "
+                f"{self.stats.nfe_backward} evaluations; {_ADVICE}"
+            )
 
 
 def solve(
@@ -181,8 +196,10 @@ def solve(
     ``name`` (e.g. "scoring", "sampling") appears in error messages. ``norm`` is passed to
     adaptive solvers to choose which states take part in step-size control.
     """
-    wrapper = CountedAdaptiveDynamics if solver.is_adaptive else CountedDynamics
-    counted = wrapper(dynamics, stats)
+    if solver.is_adaptive:
+        counted: CountedDynamics = CountedAdaptiveDynamics(dynamics, stats, solver)
+    else:
+        counted = CountedDynamics(dynamics, stats)
     stats.solve = name
     options: dict[str, Any] = {}
     if solver.is_adaptive:

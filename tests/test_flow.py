@@ -9,6 +9,7 @@ import pytest
 import scipy.linalg
 import scipy.stats
 import torch
+from scipy.integrate import trapezoid
 from torch import nn
 
 import cnf
@@ -96,7 +97,7 @@ def grid_mass(flow: nn.Module, half_width: float = 7.0, n: int = 241) -> float:
     points = torch.stack([xx.flatten(), yy.flatten()], 1)
     with torch.no_grad():
         density = flow.log_prob(points).exp().reshape(n, n).numpy()
-    return float(np.trapezoid(np.trapezoid(density, axis.numpy(), axis=1), axis.numpy()))
+    return float(trapezoid(trapezoid(density, axis.numpy(), axis=1), axis.numpy()))
 
 
 def test_random_cnf_density_integrates_to_one() -> None:

@@ -74,3 +74,19 @@ def test_solver_round_trips_through_dict() -> None:
     solver = cnf.Solver(method="bosh3", rtol=1e-3, atol=1e-4, adjoint=True, max_steps=50)
     assert cnf.Solver.from_dict(solver.to_dict()) == solver
     assert solver.with_(rtol=1e-2).rtol == 1e-2
+
+
+def test_adjoint_backward_step_budget_raises_solver_error() -> None:
+    torch.manual_seed(0)
+    field = cnf.MLPField(2, hidden=(16,))
+    flow = cnf.CNF(
+        field,
+        solver=cnf.Solver(
+            rtol=1e-3, atol=1e-3, adjoint=True, adjoint_rtol=1e-12, adjoint_atol=1e-12, max_steps=30
+        ),
+    )
+    loss = -flow.log_prob(torch.randn(64, 2)).mean()
+    with pytest.raises(
+        cnf.SolverError, match="adjoint backward pass of the scoring solve exceeded its step budget"
+    ):
+        loss.backward()

@@ -12,7 +12,7 @@ from torch import nn
 import cnf
 from cnf.checkpoint import load_checkpoint, save_checkpoint
 from cnf.data import sample_toy
-from cnf.train import TrainingError, evaluate_nll, train
+from cnf.training import TrainingError, evaluate_nll, train
 
 
 def small_flow(seed: int = 0) -> cnf.CNF:

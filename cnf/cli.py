@@ -1,0 +1,213 @@
+"""The ``cnf`` command: train, evaluate and sample flows from the shell.
+
+cnf train --data moons --model cnf --out runs/moons
+cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cnf import __version__
+from cnf.checkpoint import load_checkpoint
+from cnf.data import load_data, split
+from cnf.fields import MLPField
+from cnf.flow import CNF
+from cnf.planar import PlanarFlow
+from cnf.solver import Solver
+from cnf.training import TrainSettings, train
+
+TEST_SEED = 2024  # test points are drawn apart from the training seed
+DEFAULT_TEST_SIZE = 10_000
+
+
+def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
+    if args.model == "planar":
+        return PlanarFlow(dim, args.layers)
+    solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
+    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation)
+    return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
+
+
+def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train/validation/test sets: fresh seeded samples for a dataset name, a split for a file."""
+    if Path(source).suffix.lower() in (".npy", ".csv"):
+        return split(load_data(source), seed=seed)
+    train_set = load_data(source, n=n_train, seed=seed)
+    val_set = load_data(source, n=2_000, seed=seed + 1)
+    test_set = load_data(source, n=DEFAULT_TEST_SIZE, seed=TEST_SEED)
+    return train_set, val_set, test_set
+
+
+def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
+    """Test NLL in nats, NFE of the scoring solve and seconds, all from one pass."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        log_prob = flow.log_prob(data)
+    seconds = time.perf_counter() - start
+    return {
+        "nll": -log_prob.mean().item(),
+        "nfe": flow.stats.nfe_forward,
+        "seconds": seconds,
+        "n": int(data.shape[0]),
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
+    torch.manual_seed(args.seed)
+    flow = build_model(args, train_set.shape[1])
+    settings = TrainSettings(
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        time_limit=args.time_limit,
+        seed=args.seed,
+        val_every=args.val_every,
+    )
+    out = Path(args.out)
+    result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
+    metrics = timed_nll(flow, test_set)
+    summary = {
+        "data": args.data,
+        "model": args.model,
+        "steps": result.step,
+        "train_seconds": round(result.seconds, 2),
+        "stopped_by": result.stopped_by,
+        "test_nll": metrics["nll"],
+        "test_log_likelihood": -metrics["nll"],
+        "test_nfe": metrics["nfe"],
+        "test_n": metrics["n"],
+        "checkpoint": str(result.checkpoint),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"trained {args.model} on {args.data}: {result.step} steps in {result.seconds:.1f} s "
+        f"(stopped by {result.stopped_by})\n"
+        f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
+        f"on {metrics['n']} points, NFE {metrics['nfe']}\n"
+        f"checkpoint: {result.checkpoint}"
+    )
+    if args.plot:
+        from cnf.plots import plot_all
+
+        paths = plot_all(flow, out, data=test_set, log=out / "train_log.jsonl")
+        print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    flow, payload = load_checkpoint(args.checkpoint)
+    if args.solver_from is not None and isinstance(flow, CNF):
+        flow.solver = solver_from_file(args.solver_from)
+    if Path(args.data).suffix.lower() in (".npy", ".csv"):
+        data = load_data(args.data)
+    else:
+        data = load_data(args.data, n=args.n, seed=args.seed)
+    metrics = timed_nll(flow, data)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(
+            f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
+            f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
+        )
+    return 0
+
+
+def solver_from_file(path: str) -> Solver:
+    """The recommended evaluation solver from a ``cnf tune`` JSON file (or a bare settings dict)."""
+    try:
+        settings = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--solver-from file {path!r} does not exist") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--solver-from file {path!r} is not JSON: {error}") from error
+    settings = settings.get("recommended", {}).get("evaluation", settings)
+    return Solver.from_dict(settings.get("solver", settings))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    flow, _ = load_checkpoint(args.checkpoint)
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        samples = flow.sample(args.n, generator=generator)
+    np.save(args.out, samples.numpy())
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
+    parser.add_argument("--version", action="version", version=f"cnf {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="fit a flow by maximum likelihood and save a checkpoint")
+    p.add_argument("--data", default="moons", help="dataset name or .npy/.csv file (default moons)")
+    p.add_argument("--model", choices=("cnf", "planar"), default="cnf")
+    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--time-limit", type=positive_float, default=90.0, help="wall-clock limit in seconds")
+    p.add_argument("--out", default="runs/default", help="output folder for checkpoint and log")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=positive_float, default=5e-3)
+    p.add_argument("--n-train", type=int, default=50_000)
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--divergence", default="exact")
+    p.add_argument("--noise", default="gaussian")
+    p.add_argument("--method", default="dopri5")
+    p.add_argument("--rtol", type=positive_float, default=1e-5)
+    p.add_argument("--atol", type=positive_float, default=1e-5)
+    p.add_argument("--adjoint", action="store_true")
+    p.add_argument("--layers", type=int, default=32, help="planar layers K")
+    p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="dataset name or .npy/.csv file")
+    p.add_argument("--n", type=int, default=DEFAULT_TEST_SIZE)
+    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="samples.npy")
+    p.set_defaults(run=cmd_sample)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+        print(f"cnf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""The `cnf` command end to end on a tiny budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnf.cli import main
+
+
+@pytest.mark.parametrize("model", ["cnf", "planar"])
+def test_train_then_evaluate_end_to_end(model: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / model
+    code = main(
+        [
+            "train",
+            "--data",
+            "moons",
+            "--model",
+            model,
+            "--iters",
+            "3",
+            "--time-limit",
+            "60",
+            "--out",
+            str(out),
+            "--n-train",
+            "500",
+            "--hidden",
+            "8",
+            "--layers",
+            "4",
+            "--rtol",
+            "1e-3",
+            "--atol",
+            "1e-3",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "test log-likelihood" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and np.isfinite(summary["test_nll"])
+
+    code = main(
+        ["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "moons", "--n", "200", "--json"]
+    )
+    assert code == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"nll", "nfe", "seconds", "n"}
+    assert metrics["n"] == 200 and np.isfinite(metrics["nll"]) and metrics["nfe"] > 0
+
+
+def test_data_file_is_accepted_everywhere(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "points.npy"
+    np.save(path, rng.normal(size=(300, 2)).astype(np.float32))
+    out = tmp_path / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(path),
+                "--iters",
+                "2",
+                "--out",
+                str(out),
+                "--hidden",
+                "8",
+                "--rtol",
+                "1e-3",
+                "--atol",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(path)]) == 0
+    assert "test NLL:" in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "moons"]) == 2
+    assert "missing.pt' does not exist" in capsys.readouterr().err
+    assert main(["train", "--data", "spiral-galaxy", "--iters", "1", "--out", str(tmp_path)]) == 2
+    assert "unknown dataset 'spiral-galaxy'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--time-limit", "-3"])
+    assert "must be positive" in capsys.readouterr().err
