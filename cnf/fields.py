@@ -37,14 +37,21 @@ class ConcatLinear(nn.Module):
         self.linear = nn.Linear(in_features + 1, out_features)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.cat([x, t], dim=1))
+        return self.linear(torch.cat([x, t.expand(x.shape[0], 1)], dim=1))
 
 
 def time_column(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """Time as a ``(batch, 1)`` column: accepts a scalar, shape (batch,) or (batch, 1)."""
+    """Time as a column that broadcasts against ``x``: shape (1, 1) for one time shared by the
+    batch (so time gates are computed once, not per sample), else (batch, 1).
+
+    Accepts a scalar, shape (batch,) or (batch, 1)."""
     t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
     if t.ndim == 0 or t.numel() == 1:
-        return t.reshape(1, 1).expand(x.shape[0], 1)
+        return t.reshape(1, 1)
+    if t.numel() != x.shape[0]:
+        raise ValueError(
+            f"t must be a scalar or hold one time per sample ({x.shape[0]}), got shape {tuple(t.shape)}"
+        )
     return t.reshape(x.shape[0], 1)
 
 
