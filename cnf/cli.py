@@ -22,6 +22,7 @@ from cnf.checkpoint import load_checkpoint
 from cnf.data import load_data, split
 from cnf.fields import MLPField
 from cnf.flow import CNF
+from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES
 from cnf.planar import PlanarFlow
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
@@ -73,6 +74,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
         seed=args.seed,
         val_every=args.val_every,
+        objective=args.objective,
+        kinetic_weight=args.kinetic_weight,
+        jacobian_weight=args.jacobian_weight,
+        sigma_min=args.sigma_min,
     )
     out = Path(args.out)
     result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
@@ -146,6 +151,75 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cnf.tuning import DEFAULT_MIXED, tune
+
+    flow, _ = load_checkpoint(args.checkpoint)
+    if not isinstance(flow, CNF):
+        raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
+    n = max(args.n, args.n_grad)
+    if Path(args.data).suffix.lower() in (".npy", ".csv"):
+        data = load_data(args.data)[:n]
+    else:
+        data = load_data(args.data, n=n, seed=args.seed)
+    result = tune(
+        flow,
+        data,
+        methods=args.methods,
+        tolerances=args.tolerances,
+        step_sizes=args.step_sizes,
+        mixed=DEFAULT_MIXED if args.mixed else (),
+        budget=args.budget,
+        grad_budget=args.grad_budget,
+        n_logp=args.n,
+        n_grad=args.n_grad,
+        repeats=args.repeats,
+        gradients=not args.no_gradients,
+        progress=None if args.json else print,
+    )
+    paths = result.save(args.out)
+    if args.json:
+        print(json.dumps(result.recommended))
+    else:
+        print(result.to_markdown())
+        print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+        print(
+            f"apply: cnf evaluate --checkpoint {args.checkpoint} --data {args.data} --solver-from {paths['json']}"
+        )
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from cnf.plots import plot_all
+
+    flow, _ = load_checkpoint(args.checkpoint)
+    data = None
+    if args.data is not None:
+        if Path(args.data).suffix.lower() in (".npy", ".csv"):
+            data = load_data(args.data)
+        else:
+            data = load_data(args.data, n=args.n, seed=TEST_SEED)
+    planar = None
+    if args.planar is not None:
+        planar, _ = load_checkpoint(args.planar)
+        if not isinstance(planar, PlanarFlow):
+            raise TypeError(f"--planar must be a planar-flow checkpoint, got a {type(planar).__name__}")
+    log = Path(args.checkpoint).parent / "train_log.jsonl"
+    paths = plot_all(
+        flow,
+        args.out,
+        data=data,
+        log=log if log.is_file() else None,
+        times=args.times,
+        animate=args.animate,
+        frames=args.frames,
+        resolution=args.resolution,
+        planar=planar,
+    )
+    print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -179,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=positive_float, default=1e-5)
     p.add_argument("--adjoint", action="store_true")
     p.add_argument("--layers", type=int, default=32, help="planar layers K")
+    p.add_argument(
+        "--objective",
+        choices=tuple(OBJECTIVES),
+        default="likelihood",
+        help="likelihood (maximum likelihood, + RNODE with the weights below), flow_matching or "
+        "ot_flow_matching (simulation-free)",
+    )
+    p.add_argument(
+        "--kinetic-weight", type=float, default=0.0, help="RNODE kinetic-energy weight (0.01 in the paper)"
+    )
+    p.add_argument(
+        "--jacobian-weight", type=float, default=0.0, help="RNODE Jacobian-norm weight (0.01 in the paper)"
+    )
+    p.add_argument(
+        "--sigma-min", type=float, default=DEFAULT_SIGMA_MIN, help="flow-matching path width at t=1"
+    )
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
     p.set_defaults(run=cmd_train)
 
@@ -197,6 +287,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
     p.set_defaults(run=cmd_sample)
+
+    p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="dataset name or .npy/.csv file")
+    p.add_argument("--methods", nargs="+", default=["dopri5", "bosh3", "rk4"])
+    p.add_argument(
+        "--tolerances", type=positive_float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
+    )
+    p.add_argument(
+        "--step-sizes",
+        type=positive_float,
+        nargs="+",
+        default=[0.5, 0.25, 0.1, 0.05, 0.02],
+        help="for fixed-step methods",
+    )
+    p.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the rtol != atol settings")
+    p.add_argument(
+        "--budget", type=positive_float, default=1e-3, help="log p error budget in nats (evaluation)"
+    )
+    p.add_argument(
+        "--grad-budget", type=positive_float, default=1e-2, help="relative gradient error budget (training)"
+    )
+    p.add_argument("--n", type=int, default=1000, help="points scored per setting")
+    p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
+    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--out", default="tune", help="folder for tune.json, tune.md and tune.png")
+    p.add_argument("--json", action="store_true", help="print the recommendations as one JSON object")
+    p.set_defaults(run=cmd_tune)
+
+    p = commands.add_parser("plot", help="draw a checkpoint's probability path, trajectories, field, GIF")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", default="plots", help="output folder for the PNG/GIF files")
+    p.add_argument(
+        "--times", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="times of the path panels"
+    )
+    p.add_argument("--animate", action="store_true", help="also write path.gif")
+    p.add_argument("--frames", type=int, default=17, help="frames of the GIF")
+    p.add_argument("--data", default=None, help="dataset name or .npy/.csv file drawn beside the densities")
+    p.add_argument("--n", type=int, default=2000, help="points drawn of a named dataset")
+    p.add_argument("--resolution", type=int, default=80, help="grid points per axis")
+    p.add_argument("--planar", default=None, help="planar-flow checkpoint to compare a CNF with")
+    p.set_defaults(run=cmd_plot)
     return parser
 
 

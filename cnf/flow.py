@@ -28,6 +28,7 @@ from cnf.divergence import (
     exact_divergence,
     hutchinson_divergence,
 )
+from cnf.regularizers import jacobian_rate, kinetic_rate, probe_vjp, tracked_norm
 from cnf.solver import Solver, SolveStats, solve
 
 
@@ -70,13 +71,27 @@ def check_base(base: Any, dim: int) -> Any:
 
 
 class AugmentedDynamics(nn.Module):
-    """Right-hand side of the augmented ODE: (dx/dt, da/dt) = (u(x, t), div u(x, t))."""
+    """Right-hand side of the augmented ODE: (dx/dt, da/dt) = (u(x, t), div u(x, t)).
 
-    def __init__(self, field: nn.Module, divergence: str, probe: torch.Tensor | None) -> None:
+    With ``regularization=True`` two more states follow (RNODE, Finlay et al. 2020):
+    d/dt of ||u||^2 and of ||probe^T du/dx||^2, the latter from the same vector-Jacobian
+    product as the Hutchinson divergence (``probe`` is then required, also for ``exact``).
+    """
+
+    def __init__(
+        self,
+        field: nn.Module,
+        divergence: str,
+        probe: torch.Tensor | None,
+        regularization: bool = False,
+    ) -> None:
         super().__init__()
+        if regularization and probe is None:
+            raise ValueError("regularization=True needs a probe for the Jacobian-norm estimate, got None")
         self.field = field
         self.divergence = divergence
         self.probe = probe
+        self.regularization = regularization
 
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = state[0]
@@ -85,15 +100,27 @@ class AugmentedDynamics(nn.Module):
             if not create_graph or not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             f = self.field(t, x)
+            jac = None
             if not f.requires_grad:  # the field does not depend on x
                 div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+                jac = torch.zeros_like(div)
+            elif self.regularization:
+                vjp = probe_vjp(f, x, self.probe, create_graph)
+                jac = jacobian_rate(vjp)
+                if self.divergence == "exact":
+                    div = exact_divergence(f, x, create_graph)
+                else:
+                    div = (vjp * self.probe).sum(dim=1)
             elif self.divergence == "exact":
                 div = exact_divergence(f, x, create_graph)
             else:
                 div = hutchinson_divergence(f, x, self.probe, create_graph)
-        if not create_graph:
-            f, div = f.detach(), div.detach()
-        return f, div
+        if not self.regularization:
+            if not create_graph:
+                f, div = f.detach(), div.detach()
+            return f, div
+        out = (f, div, kinetic_rate(f), jac)
+        return out if create_graph else tuple(o.detach() for o in out)
 
 
 class PositionDynamics(nn.Module):
@@ -164,10 +191,14 @@ class CNF(nn.Module):
         if self.divergence != "hutchinson":
             return None
         if probe is not None:
-            if probe.shape != x.shape:
-                raise ValueError(f"probe must have the shape of x {tuple(x.shape)}, got {tuple(probe.shape)}")
-            return probe
+            return self._probe_shape(x, probe)
         return draw_probe(x, self.noise, generator)
+
+    @staticmethod
+    def _probe_shape(x: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        if probe.shape != x.shape:
+            raise ValueError(f"probe must have the shape of x {tuple(x.shape)}, got {tuple(probe.shape)}")
+        return probe
 
     def _augmented_solve(
         self,
@@ -210,6 +241,43 @@ class CNF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.log_prob(x)
+
+    def regularized_log_prob(
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        probe: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log p1(x) and the RNODE integrals along each path, all of shape (batch,).
+
+        Returns ``(log_prob, kinetic, jacobian)`` with kinetic = integral_0^1 ||u(x(t), t)||^2 dt
+        and jacobian = integral_0^1 ||eps^T du/dx||^2 dt (an unbiased estimate of the Jacobian
+        Frobenius norm integral) from one solve 1 -> 0 whose step-size control looks only at x
+        and log p. With ``divergence="hutchinson"`` eps is the divergence probe; with ``exact``
+        a Gaussian probe is drawn for this term (or ``probe`` is used). Finlay et al. (2020).
+        """
+        check_batch(x, self.dim, "x")
+        if self.divergence == "hutchinson":
+            eps = self._probe(x, generator, probe)
+        elif probe is not None:
+            eps = self._probe_shape(x, probe)
+        else:
+            eps = draw_probe(x, "gaussian", generator)
+        dynamics = AugmentedDynamics(self.field, self.divergence, eps, regularization=True)
+        zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        self.stats = SolveStats()
+        z, a, kinetic, jacobian = solve(
+            dynamics,
+            (x, zeros, zeros, zeros),
+            self._times(1.0, 0.0, x),
+            self.solver,
+            self.stats,
+            name="scoring",
+            norm=tracked_norm,
+        )
+        # Integrated from t=1 back to 0: each state ends at minus its integral over [0, 1].
+        return base_log_prob(self.base, z[-1]) + a[-1], -kinetic[-1], -jacobian[-1]
 
     def transform(
         self,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cnf.data import check_batch
-from cnf.losses import OBJECTIVES
+from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
 from cnf.solver import SolverError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -34,13 +34,22 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainSettings:
-    """Settings of :func:`train` (all stored in the checkpoint)."""
+    """Settings of :func:`train` (all stored in the checkpoint).
+
+    ``objective`` is ``likelihood`` (maximum likelihood; with ``kinetic_weight`` /
+    ``jacobian_weight`` > 0 it is RNODE, Finlay et al. 2020), ``flow_matching`` or
+    ``ot_flow_matching`` (no ODE solve per step; ``sigma_min`` of the path), see
+    :mod:`cnf.losses`.
+    """
 
     iters: int = 1000
     batch_size: int = 512
     lr: float = 1e-3
     weight_decay: float = 0.0
     objective: str = "likelihood"
+    kinetic_weight: float = 0.0
+    jacobian_weight: float = 0.0
+    sigma_min: float = DEFAULT_SIGMA_MIN
     time_limit: float | None = None
     val_every: int = 100
     val_size: int = 2000
@@ -58,6 +67,16 @@ class TrainSettings:
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tuple(OBJECTIVES)}")
+        self.loss_function()  # checks the objective's options
+
+    def loss_function(self) -> Loss:
+        """``loss(flow, batch)`` of the chosen objective with its options bound."""
+        return make_objective(
+            self.objective,
+            kinetic_weight=self.kinetic_weight,
+            jacobian_weight=self.jacobian_weight,
+            sigma_min=self.sigma_min,
+        )
 
 
 @dataclass
@@ -112,7 +131,7 @@ def train(
     check_batch(data, dim, "data")
     if val_data is not None:
         check_batch(val_data, dim, "val_data")
-    loss_fn = OBJECTIVES[settings.objective]
+    loss_fn = settings.loss_function()
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     out_dir = Path(out) if out is not None else None
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
