@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         kinetic_weight=args.kinetic_weight,
         jacobian_weight=args.jacobian_weight,
         sigma_min=args.sigma_min,
+        lr_schedule=args.lr_schedule,
     )
     out = Path(args.out)
     result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
@@ -175,6 +176,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         n_grad=args.n_grad,
         repeats=args.repeats,
         gradients=not args.no_gradients,
+        rank_by=args.rank_by,
         progress=None if args.json else print,
     )
     paths = result.save(args.out)
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint to continue from")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--lr", type=positive_float, default=5e-3)
+    p.add_argument(
+        "--lr-schedule", choices=("constant", "cosine"), default="cosine", help="learning-rate decay"
+    )
     p.add_argument("--n-train", type=int, default=50_000)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -313,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
+    p.add_argument("--rank-by", choices=("nfe", "seconds"), default="nfe", help="what cheapest means")
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--out", default="tune", help="folder for tune.json, tune.md and tune.png")
     p.add_argument("--json", action="store_true", help="print the recommendations as one JSON object")

@@ -25,6 +25,7 @@ from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
 from cnf.solver import SolverError
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LR_SCHEDULES = ("constant", "cosine")
 LOG_NAME = "train_log.jsonl"
 
 
@@ -51,6 +52,7 @@ class TrainSettings:
     jacobian_weight: float = 0.0
     sigma_min: float = DEFAULT_SIGMA_MIN
     time_limit: float | None = None
+    lr_schedule: str = "constant"
     val_every: int = 100
     val_size: int = 2000
     checkpoint_every: int = 100
@@ -65,9 +67,26 @@ class TrainSettings:
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
         if self.time_limit is not None and not (self.time_limit > 0):
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tuple(OBJECTIVES)}")
         self.loss_function()  # checks the objective's options
+
+    def learning_rate(self, step: int, elapsed: float) -> float:
+        """The learning rate at ``step`` after ``elapsed`` seconds.
+
+        ``cosine`` decays from ``lr`` to ``lr / 20`` over the run, whose progress is the larger of
+        step / iters and elapsed / time_limit, so a wall-clock-limited run also ends annealed
+        (Loshchilov & Hutter 2017, without restarts)."""
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = step / self.iters
+        if self.time_limit is not None:
+            progress = max(progress, elapsed / self.time_limit)
+        progress = min(progress, 1.0)
+        floor = self.lr / 20
+        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def loss_function(self) -> Loss:
         """``loss(flow, batch)`` of the chosen objective with its options bound."""
@@ -200,6 +219,8 @@ def train(
                 f"gradients became NaN/Inf at step {step + 1}; last good checkpoint kept at {checkpoint_path}"
             )
         nfe_backward = getattr(getattr(flow, "stats", None), "nfe_backward", 0)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate(step, time.perf_counter() - start)
         optimizer.step()
         step += 1
         elapsed = time.perf_counter() - start
@@ -207,6 +228,7 @@ def train(
             "step": step,
             "seconds": round(elapsed, 4),
             "loss": loss.item(),
+            "lr": optimizer.param_groups[0]["lr"],
             "nfe_forward": nfe_forward,
             "nfe_backward": nfe_backward,
         }

@@ -133,3 +133,23 @@ def test_missing_and_corrupt_checkpoints(tmp_path: Path) -> None:
     save_checkpoint(custom, cnf.CNF(ExplodingField()))
     with pytest.raises(ValueError, match="custom velocity field .* load_checkpoint\\(path, flow=my_flow\\)"):
         load_checkpoint(custom)
+
+
+def test_cosine_schedule_decays_by_steps_or_wall_clock() -> None:
+    from cnf.training import TrainSettings
+
+    settings = TrainSettings(iters=100, lr=1e-2, lr_schedule="cosine", time_limit=10.0)
+    assert settings.learning_rate(0, 0.0) == pytest.approx(1e-2)
+    assert settings.learning_rate(50, 0.0) == pytest.approx(0.5 * (1e-2 + 5e-4))
+    assert settings.learning_rate(10, 5.0) == pytest.approx(0.5 * (1e-2 + 5e-4))  # time is further along
+    assert settings.learning_rate(100, 0.0) == pytest.approx(5e-4)
+    assert TrainSettings(lr=1e-2).learning_rate(99, 1e9) == 1e-2
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        TrainSettings(lr_schedule="step")
+
+
+def test_training_log_records_the_scheduled_learning_rate(moons) -> None:
+    data, _ = moons
+    result = train(small_flow(), data, iters=4, batch_size=32, lr=1e-2, lr_schedule="cosine")
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == pytest.approx(1e-2) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-2
