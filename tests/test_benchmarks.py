@@ -1,0 +1,60 @@
+"""Every benchmark's --quick mode runs and writes its JSON and markdown table.
+
+Peer libraries (zuko, torchdyn, flow_matching, normflows) are optional: the peers and
+discrete-versus-continuous benchmarks also run with all of them made unimportable.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+
+BENCHMARKS = {
+    "train_toy": train_toy.main,
+    "divergence_forms": divergence_forms.main,
+    "discrete_vs_continuous": discrete_vs_continuous.main,
+    "peers": peers.main,
+    "scaling": scaling.main,
+}
+PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
+
+
+def _read(out: Path, name: str) -> dict:
+    assert (out / f"{name}.md").read_text().count("|") > 4
+    payload = json.loads((out / f"{name}.json").read_text())
+    assert payload["machine"]["cpu_count"] and payload["rows"]
+    return payload
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
+    BENCHMARKS[name](["--quick", "--out", str(tmp_path)])
+    payload = _read(tmp_path, name)
+    if name == "scaling":
+        assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
+    if name == "discrete_vs_continuous":
+        assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
+        assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
+
+
+def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in PEER_MODULES:
+        for loaded in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
+    peers.main(["--quick", "--skip-training", "--out", str(tmp_path)])
+    payload = _read(tmp_path, "peers")
+    for module in PEER_MODULES:
+        assert payload["peers"][module].startswith("not importable")
+    libraries = {r["library"]: r for r in payload["rows"] if r["section"] == "scoring"}
+    assert libraries["cnf"]["seconds"] > 0
+    assert "skipped: zuko does not import" in libraries["zuko"]["note"]
+    discrete_vs_continuous.main(["--quick", "--out", str(tmp_path)])
+    payload = _read(tmp_path, "discrete_vs_continuous")
+    assert any("zuko is not installed" in note for note in payload["notes"])
+    assert "maf" not in {r["model"] for r in payload["rows"]}

@@ -1,0 +1,139 @@
+"""Solver tuning: the sweep, its recommendations, the files and `cnf tune` end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import cnf
+from cnf.cli import main, solver_from_file
+from cnf.data import sample_toy
+from cnf.tuning import BASELINE, TuneResult, candidate_solvers, label, tune
+
+SMALL = dict(
+    methods=("dopri5", "rk4"),
+    tolerances=(1e-2, 1e-5),
+    step_sizes=(0.25,),
+    mixed=((1e-3, 1e-5),),
+    n_logp=64,
+    n_grad=16,
+    repeats=1,
+    reference=cnf.Solver("dopri5", rtol=1e-9, atol=1e-9, max_steps=10_000),
+)
+
+
+@pytest.fixture(scope="module")
+def result() -> TuneResult:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        flow = cnf.CNF(cnf.MLPField(2, hidden=(8, 8)))
+    return tune(flow, sample_toy("8gaussians", 64, seed=1), **SMALL)
+
+
+def test_candidate_grid() -> None:
+    solvers = candidate_solvers(("dopri5", "rk4"), (1e-3, 1e-5), (0.1,), ((1e-3, 1e-6),))
+    labels = [label(s) for s in solvers]
+    assert labels == [
+        "dopri5 rtol=1e-03 atol=1e-03",
+        "dopri5 rtol=1e-05 atol=1e-05",
+        "dopri5 rtol=1e-03 atol=1e-06",
+        "rk4 h=0.1",
+    ]
+    with pytest.raises(ValueError, match="unknown method 'rk5'"):
+        candidate_solvers(("rk5",))
+    with pytest.raises(ValueError, match="tolerances must be a positive finite float, got -1"):
+        candidate_solvers(("dopri5",), (-1.0,))
+
+
+def test_rows_and_recommendations(result: TuneResult) -> None:
+    settings = [r["setting"] for r in result.rows]
+    assert label(BASELINE) in settings and "rk4 h=0.25" in settings
+    for row in result.rows:
+        assert row["status"] == "ok"
+        assert row["nfe"] > 0 and row["seconds"] > 0 and row["grad_seconds"] > 0
+        assert 0 <= row["logp_err_mean"] <= row["logp_err_max"]
+        assert row["roundtrip_err"] >= 0 and row["grad_rel_err"] >= 0
+    tight = next(r for r in result.rows if r["setting"] == label(BASELINE))
+    loose = next(r for r in result.rows if r["setting"] == "dopri5 rtol=1e-02 atol=1e-02")
+    assert tight["logp_err_mean"] <= loose["logp_err_mean"] + 1e-6
+    evaluation = result.recommended["evaluation"]
+    assert evaluation["met_budget"] and evaluation["error"] <= result.budget
+    within = [r for r in result.rows if r["logp_err_mean"] <= result.budget]
+    assert evaluation["nfe"] == min(r["nfe"] for r in within)
+    training = result.recommended["training"]
+    assert training["error"] <= result.grad_budget
+
+
+def test_files_apply_to_evaluate(result: TuneResult, tmp_path: Path) -> None:
+    paths = result.save(tmp_path)
+    payload = json.loads(paths["json"].read_text())
+    assert payload["recommended"]["evaluation"]["solver"] == result.recommended["evaluation"]["solver"]
+    assert paths["plot"].stat().st_size > 0 and "| setting |" in paths["markdown"].read_text()
+    solver = solver_from_file(str(paths["json"]))
+    assert solver == cnf.Solver.from_dict(result.recommended["evaluation"]["solver"])
+
+
+def test_nothing_within_budget_is_flagged() -> None:
+    flow = cnf.CNF(cnf.MLPField(2, hidden=(4,)))
+    out = tune(flow, sample_toy("moons", 32, seed=0), **{**SMALL, "budget": 1e-30, "gradients": False})
+    assert out.recommended["evaluation"]["met_budget"] is False
+    assert "NO setting met the budget" in out.recommended["evaluation"]["note"]
+    assert "training" not in out.recommended
+
+
+def test_hutchinson_flow_uses_one_fixed_probe() -> None:
+    flow = cnf.CNF(cnf.MLPField(2, hidden=(4,)), divergence="hutchinson")
+    out = tune(flow, sample_toy("moons", 32, seed=0), **{**SMALL, "gradients": False})
+    rk4 = next(r for r in out.rows if r["setting"] == "rk4 h=0.25")
+    assert rk4["logp_err_mean"] < 1e-2  # same probe as the reference: only solver error remains
+
+
+def test_errors_name_the_argument() -> None:
+    data = sample_toy("moons", 8, seed=0)
+    with pytest.raises(TypeError, match="flow must be a cnf.CNF"):
+        tune(cnf.PlanarFlow(2, 2), data)
+    flow = cnf.CNF(cnf.MLPField(2, hidden=(4,)))
+    with pytest.raises(ValueError, match="budget must be a positive finite float, got 0"):
+        tune(flow, data, budget=0)
+    with pytest.raises(ValueError, match="n_logp must be a positive int, got 0"):
+        tune(flow, data, n_logp=0)
+
+
+def test_cli_tune_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        "moons",
+        "--iters",
+        "2",
+        "--out",
+        str(run),
+        "--n-train",
+        "200",
+        "--hidden",
+        "8",
+    ]
+    assert main([*args, "--rtol", "1e-3", "--atol", "1e-3"]) == 0
+    capsys.readouterr()
+    checkpoint = str(run / "checkpoint.pt")
+    code = main(
+        ["tune", "--checkpoint", checkpoint, "--data", "moons", "--methods", "dopri5", "rk4",
+         "--tolerances", "1e-2", "1e-5", "--step-sizes", "0.25", "--no-mixed", "--n", "32",
+         "--n-grad", "8", "--repeats", "1", "--out", str(tmp_path / "tune")]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "**evaluation**" in printed and "--solver-from" in printed
+    tune_json = tmp_path / "tune" / "tune.json"
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", "moons", "--n", "50", "--json",
+                 "--solver-from", str(tune_json)]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["n"] == 50
+    planar = tmp_path / "planar"
+    assert main(["train", "--model", "planar", "--layers", "2", "--iters", "1", "--out", str(planar)]) == 0
+    capsys.readouterr()
+    assert main(["tune", "--checkpoint", str(planar / "checkpoint.pt"), "--data", "moons"]) == 2
+    assert "needs a CNF checkpoint" in capsys.readouterr().err
