@@ -45,6 +45,7 @@ def run_one(kind: str, dataset: str, budget: float, layers: int, test_n: int, se
         iters=10**9,
         time_limit=budget,
         lr=lr,
+        lr_schedule="cosine",
         batch_size=512,
         val_every=10**9,
         progress=False,

@@ -41,7 +41,8 @@ EVAL_SOLVER = Solver(rtol=1e-5, atol=1e-5)
 
 #: name -> TrainSettings overrides. Maximum likelihood as in benchmarks/train_toy.py; flow
 #: matching steps are ~50x cheaper, so a smaller batch (256, which keeps the exact OT
-#: assignment at ~10 ms) and a smaller learning rate (its gradient is noisier).
+#: assignment at ~10 ms). One 60 s OT-FM run on 8gaussians: constant lr 2e-3 ended 0.054 nats
+#: above the true NLL (loaded machine); cosine from 5e-3 ended 0.026 above it (quiet machine).
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "likelihood": {"objective": "likelihood", "lr": 5e-3, "batch_size": 512},
     "likelihood + RNODE": {
@@ -51,8 +52,8 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
         "kinetic_weight": 0.01,
         "jacobian_weight": 0.01,
     },
-    "flow_matching": {"objective": "flow_matching", "lr": 2e-3, "batch_size": 256},
-    "ot_flow_matching": {"objective": "ot_flow_matching", "lr": 2e-3, "batch_size": 256},
+    "flow_matching": {"objective": "flow_matching", "lr": 5e-3, "batch_size": 256},
+    "ot_flow_matching": {"objective": "ot_flow_matching", "lr": 5e-3, "batch_size": 256},
 }
 EVAL_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
@@ -73,7 +74,16 @@ def run_one(
     torch.manual_seed(seed)
     flow = CNF(MLPField(2, hidden=(64, 64, 64)), solver=EVAL_SOLVER)
     data = sample_toy(dataset, 100_000, seed=seed)
-    settings = {**OBJECTIVES[name], "iters": 10**9, "val_every": 10**9, "checkpoint_every": 10**9}
+    # Cosine decay over the whole budget for every objective, although it is trained in
+    # resumed segments to read off the curve (lr_horizon keeps one schedule across them).
+    settings = {
+        **OBJECTIVES[name],
+        "iters": 10**9,
+        "val_every": 10**9,
+        "checkpoint_every": 10**9,
+        "lr_schedule": "cosine",
+        "lr_horizon": budget,
+    }
     curve = []
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None

@@ -53,6 +53,7 @@ class TrainSettings:
     sigma_min: float = DEFAULT_SIGMA_MIN
     time_limit: float | None = None
     lr_schedule: str = "constant"
+    lr_horizon: float | None = None
     val_every: int = 100
     val_size: int = 2000
     checkpoint_every: int = 100
@@ -65,6 +66,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive float, got {self.lr!r}")
+        if self.lr_horizon is not None and not (self.lr_horizon > 0):
+            raise ValueError(f"lr_horizon must be positive seconds, got {self.lr_horizon!r}")
         if self.time_limit is not None and not (self.time_limit > 0):
             raise ValueError(f"time_limit must be positive seconds, got {self.time_limit!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -78,12 +81,14 @@ class TrainSettings:
 
         ``cosine`` decays from ``lr`` to ``lr / 20`` over the run, whose progress is the larger of
         step / iters and elapsed / time_limit, so a wall-clock-limited run also ends annealed
-        (Loshchilov & Hutter 2017, without restarts)."""
+        (Loshchilov & Hutter 2017, without restarts). ``lr_horizon`` (seconds) replaces
+        time_limit there, for a run trained in resumed segments towards one total budget."""
         if self.lr_schedule == "constant":
             return self.lr
         progress = step / self.iters
-        if self.time_limit is not None:
-            progress = max(progress, elapsed / self.time_limit)
+        horizon = self.lr_horizon if self.lr_horizon is not None else self.time_limit
+        if horizon is not None:
+            progress = max(progress, elapsed / horizon)
         progress = min(progress, 1.0)
         floor = self.lr / 20
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
