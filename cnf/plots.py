@@ -763,7 +763,9 @@ def read_train_log(log: PathLike | Sequence[Mapping[str, Any]]) -> list[dict[str
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"line {number} of {str(log_path)!r} is not JSON: {error}") from error
-        return records
+        # The trainer writes the last step again when it adds the final validation NLL.
+        by_step = {r.get("step", i): r for i, r in enumerate(records)}
+        return list(by_step.values())
     if isinstance(log, Sequence) and all(isinstance(r, Mapping) for r in log):
         return [dict(r) for r in log]
     raise TypeError(f"log must be a path to train_log.jsonl or a list of dicts, got {type(log).__name__}")

@@ -257,6 +257,9 @@ def train(
         val_nll = evaluate_nll(flow, val_subset)
         if history:
             history[-1]["val_nll"] = val_nll
+            if log_path is not None:  # the log gets the final record again, now with val_nll
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(history[-1]) + "\n")
     flow.eval()
     checkpoint()
     return TrainResult(step, elapsed, val_nll, stopped_by, checkpoint_path, history)

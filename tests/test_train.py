@@ -153,3 +153,15 @@ def test_training_log_records_the_scheduled_learning_rate(moons) -> None:
     result = train(small_flow(), data, iters=4, batch_size=32, lr=1e-2, lr_schedule="cosine")
     lrs = [r["lr"] for r in result.history]
     assert lrs[0] == pytest.approx(1e-2) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 1e-2
+
+
+def test_time_limited_run_logs_its_final_validation(moons, tmp_path: Path) -> None:
+    from cnf.plots import read_train_log
+
+    data, val = moons
+    result = train(
+        small_flow(), data, val, iters=10_000, time_limit=0.5, batch_size=64, val_every=10_000, out=tmp_path
+    )
+    records = read_train_log(tmp_path / "train_log.jsonl")
+    assert [r["step"] for r in records] == list(range(1, result.step + 1))
+    assert records[-1]["val_nll"] == pytest.approx(result.val_nll)
