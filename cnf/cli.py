@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__
+from cnf import __version__, tuning
 from cnf.checkpoint import load_checkpoint
 from cnf.data import load_data, split
 from cnf.fields import MLPField
@@ -153,8 +153,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cnf.tuning import DEFAULT_MIXED, tune
-
     flow, _ = load_checkpoint(args.checkpoint)
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
@@ -163,13 +161,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
         data = load_data(args.data)[:n]
     else:
         data = load_data(args.data, n=n, seed=args.seed)
-    result = tune(
+    result = tuning.tune(
         flow,
         data,
         methods=args.methods,
         tolerances=args.tolerances,
         step_sizes=args.step_sizes,
-        mixed=DEFAULT_MIXED if args.mixed else (),
+        mixed=tuning.DEFAULT_MIXED if args.mixed else (),
         budget=args.budget,
         grad_budget=args.grad_budget,
         n_logp=args.n,
@@ -296,23 +294,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset name or .npy/.csv file")
-    p.add_argument("--methods", nargs="+", default=["dopri5", "bosh3", "rk4"])
-    p.add_argument(
-        "--tolerances", type=positive_float, nargs="+", default=[1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8]
-    )
+    p.add_argument("--methods", nargs="+", default=list(tuning.DEFAULT_METHODS))
+    p.add_argument("--tolerances", type=positive_float, nargs="+", default=list(tuning.DEFAULT_TOLERANCES))
     p.add_argument(
         "--step-sizes",
         type=positive_float,
         nargs="+",
-        default=[0.5, 0.25, 0.1, 0.05, 0.02],
+        default=list(tuning.DEFAULT_STEP_SIZES),
         help="for fixed-step methods",
     )
     p.add_argument("--no-mixed", dest="mixed", action="store_false", help="skip the rtol != atol settings")
     p.add_argument(
-        "--budget", type=positive_float, default=1e-3, help="log p error budget in nats (evaluation)"
+        "--budget",
+        type=positive_float,
+        default=tuning.DEFAULT_BUDGET,
+        help="log p error budget in nats (evaluation)",
     )
     p.add_argument(
-        "--grad-budget", type=positive_float, default=1e-2, help="relative gradient error budget (training)"
+        "--grad-budget",
+        type=positive_float,
+        default=tuning.DEFAULT_GRAD_BUDGET,
+        help="relative gradient error budget (training)",
     )
     p.add_argument("--n", type=int, default=1000, help="points scored per setting")
     p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
