@@ -324,20 +324,31 @@ def _u1(z: torch.Tensor) -> torch.Tensor:
     return ring + modes
 
 
+# U2-U4 as printed do not decay along z1 (exp(-U) has infinite mass), so they are confined to
+# the square of the paper's figures: outside |z1| <= 4 a Gaussian wall of width 0.4 is added.
+# Inside the square the energies are exactly the paper's; the wall makes log Z finite.
+ENERGY_BOX = 4.0
+_WALL_WIDTH = 0.4
+
+
+def _wall(z1: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.relu(z1.abs() - ENERGY_BOX) / _WALL_WIDTH) ** 2
+
+
 def _u2(z: torch.Tensor) -> torch.Tensor:
-    return 0.5 * ((z[..., 1] - _w1(z[..., 0])) / 0.4) ** 2
+    return 0.5 * ((z[..., 1] - _w1(z[..., 0])) / 0.4) ** 2 + _wall(z[..., 0])
 
 
 def _u3(z: torch.Tensor) -> torch.Tensor:
     z1, z2 = z[..., 0], z[..., 1]
     a = z2 - _w1(z1)
-    return _neg_log_sum_exp(-0.5 * (a / 0.35) ** 2, -0.5 * ((a + _w2(z1)) / 0.35) ** 2)
+    return _neg_log_sum_exp(-0.5 * (a / 0.35) ** 2, -0.5 * ((a + _w2(z1)) / 0.35) ** 2) + _wall(z1)
 
 
 def _u4(z: torch.Tensor) -> torch.Tensor:
     z1, z2 = z[..., 0], z[..., 1]
     a = z2 - _w1(z1)
-    return _neg_log_sum_exp(-0.5 * (a / 0.4) ** 2, -0.5 * ((a + _w3(z1)) / 0.35) ** 2)
+    return _neg_log_sum_exp(-0.5 * (a / 0.4) ** 2, -0.5 * ((a + _w3(z1)) / 0.35) ** 2) + _wall(z1)
 
 
 _ENERGY_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -360,7 +371,8 @@ def energy(name: str, z: torch.Tensor) -> torch.Tensor:
 
     ``name`` is one of :data:`ENERGIES` (``"u1"`` is the ring, ``"u2"``-``"u4"`` the sine
     waves); ``z`` has shape ``(..., 2)``; returns shape ``z.shape[:-1]``, differentiable.
-    The target density is proportional to ``exp(-U(z))``.
+    The target density is proportional to ``exp(-U(z))``. U2-U4 get a Gaussian wall outside
+    |z1| <= 4 (width 0.4) so that they are normalisable; inside that band they are unchanged.
     """
     key = _check_energy_name(name)
     z = _check_points(z, "z")

@@ -370,3 +370,28 @@ def test_energy_errors() -> None:
         energy("u1", torch.zeros(4, 3))
     with pytest.raises(TypeError, match=r"z must be a torch\.Tensor, got list"):
         energy("u1", [[0.0, 0.0]])  # type: ignore[arg-type]
+
+
+def _printed_sine_energy(name: str, z: np.ndarray) -> np.ndarray:
+    """U2-U4 exactly as printed in Rezende & Mohamed (2015), Table 1 (no wall)."""
+    z1, z2 = z[:, 0], z[:, 1]
+    w1 = np.sin(2 * np.pi * z1 / 4)
+    w2 = 3 * np.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+    w3 = 3 / (1 + np.exp(-(z1 - 1) / 0.3))
+    if name == "u2":
+        return 0.5 * ((z2 - w1) / 0.4) ** 2
+    if name == "u3":
+        return -np.log(np.exp(-0.5 * ((z2 - w1) / 0.35) ** 2) + np.exp(-0.5 * ((z2 - w1 + w2) / 0.35) ** 2))
+    return -np.log(np.exp(-0.5 * ((z2 - w1) / 0.4) ** 2) + np.exp(-0.5 * ((z2 - w1 + w3) / 0.35) ** 2))
+
+
+@pytest.mark.parametrize("name", ["u2", "u3", "u4"])
+def test_sine_energies_are_the_printed_ones_inside_the_square_plus_a_wall_outside(name: str) -> None:
+    # As printed, exp(-U2..U4) does not decay along z1 and log Z is infinite; cnf adds a
+    # Gaussian wall 0.5 * ((|z1| - 4) / 0.4)**2 outside |z1| <= 4 and nothing inside.
+    z1 = np.array([-4.0, -2.5, 0.0, 1.0, 3.9, 4.0, 4.4, -4.8, 6.0])
+    z = np.stack([z1, 0.7 * np.sin(z1)], axis=1)
+    wall = np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 2.0, 12.5])
+    expected = _printed_sine_energy(name, z) + wall
+    got = energy(name, torch.tensor(z, dtype=torch.float64)).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
