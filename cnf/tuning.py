@@ -26,6 +26,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -168,8 +170,16 @@ class TuneResult:
         }
 
     def to_markdown(self) -> str:
-        """The table of all settings, then the recommendations."""
-        lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        """The machine, the table of all settings, then the recommendations."""
+        machine = self.meta.get("machine", {})
+        lines = []
+        if machine:
+            lines += [
+                f"Machine: {machine['cpu_count']} CPUs, torch {machine['torch']}, "
+                f"{self.meta.get('threads')} thread(s).",
+                "",
+            ]
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
         for row in self.rows:
             cells = []
             for column in COLUMNS:
@@ -456,5 +466,6 @@ def tune(
         "divergence": flow.divergence,
         "repeats": repeats,
         "threads": torch.get_num_threads(),
+        "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform()},
     }
     return TuneResult(rows, reference_info, recommended, budget, grad_budget, meta)
