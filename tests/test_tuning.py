@@ -65,6 +65,11 @@ def test_rows_and_recommendations(result: TuneResult) -> None:
     assert evaluation["nfe"] == min(r["nfe"] for r in within)
     training = result.recommended["training"]
     assert training["error"] <= result.grad_budget
+    for rec in (evaluation, training):
+        # Speed-ups are re-timed in back-to-back pairs with the baseline, not read off the grid.
+        assert rec["setting"] != label(BASELINE)
+        assert rec["speedup_measured"] == "median of 3 back-to-back pairs"
+        assert rec["speedup_vs_baseline"] > 0 and f"{rec['speedup_vs_baseline']:.2f}x faster" in rec["note"]
 
 
 def test_files_apply_to_evaluate(result: TuneResult, tmp_path: Path) -> None:
