@@ -316,17 +316,18 @@ def _paired_speedup(
     """Median over ``pairs`` of (baseline seconds / candidate seconds), the two timed back to back.
 
     The grid times every setting at a different moment, so a change in the load of a shared
-    machine shows up in its ratios; timing the two alternately moves both alike.
+    machine shows up in its ratios; timing the two alternately (in ABBA order, so neither
+    always runs first) moves both alike.
     """
     ratios = []
-    for _ in range(pairs):
-        seconds = []
-        for solver in (baseline, candidate):
+    for i in range(pairs):
+        seconds = {}
+        for solver in (baseline, candidate) if i % 2 == 0 else (candidate, baseline):  # ABBA order
             flow.solver = solver
             start = time.perf_counter()
             run()
-            seconds.append(time.perf_counter() - start)
-        ratios.append(seconds[0] / seconds[1])
+            seconds[solver is baseline] = time.perf_counter() - start
+        ratios.append(seconds[True] / seconds[False])
     return statistics.median(ratios)
 
 
