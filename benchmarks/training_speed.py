@@ -148,6 +148,7 @@ def plot(rows: list[dict[str, Any]], true_nll: dict[str, float | None], path: Pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     datasets = list(dict.fromkeys(r["data"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), squeeze=False)
@@ -158,6 +159,9 @@ def plot(rows: list[dict[str, Any]], true_nll: dict[str, float | None], path: Pa
         if true_nll.get(dataset) is not None:
             ax.axhline(true_nll[dataset], color="k", linestyle="--", linewidth=1, label="true NLL")
         ax.set_xscale("log")
+        ticks = [round(p["seconds"], 1) for p in rows[0]["curve"]]  # the evaluation checkpoints
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(dataset)
         ax.set_xlabel("training seconds")
         ax.set_ylabel("test NLL (nats)")
