@@ -27,13 +27,13 @@ import torch
 from torch import nn
 
 import cnf
-from cnf.data import ENERGIES, target_log_density
+from cnf.data import ENERGIES, ENERGY_BOX, target_log_density
 from cnf.variational import fit_variational, log_normalizer, variational_report
 
 EVAL_SOLVER = cnf.Solver(rtol=1e-5, atol=1e-5)
 TRAIN_SOLVER = cnf.Solver(rtol=1e-3, atol=1e-3)
-#: The square of the paper's figures (the targets' mass is inside it but for the U2-U4 walls).
-PLOT_BOUNDS = (-4.0, 4.0, -4.0, 4.0)
+#: The square of the paper's figures, inside which U2-U4 carry no wall.
+PLOT_BOUNDS = (-ENERGY_BOX, ENERGY_BOX, -ENERGY_BOX, ENERGY_BOX)
 
 
 def make_model(kind: str, layers: int = 0) -> nn.Module:
