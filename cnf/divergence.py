@@ -16,10 +16,10 @@ DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("gaussian", "rademacher")
 
 # Measured by benchmarks/divergence_forms.py (2 CPU cores, batch 512, 64-64-64 field, ms per
-# evaluation, loop / batched): without a graph (evaluation) d=16: 6.2 / 3.3, d=32: 11.9 / 8.3;
-# with a graph for training d=16: 18.7 / 19.3, d=32: 34.8 / 46.6; at d <= 8 the two are within
-# 5%. So the batched vector-Jacobian product is used for evaluation from d=16 on, the loop of
-# autograd.grad calls otherwise. Both compute the same exact trace.
+# evaluation, loop / batched, two runs): without a graph (evaluation) d=16: 6.2-6.4 / 3.3 in
+# both, d=8 undecided (3.6 / 3.6, then 3.7 / 2.8); with a graph for training the loop wins from
+# d=8 (d=32: 35 / 47-51). So the batched vector-Jacobian product is used for evaluation from
+# d=16 on, the loop of autograd.grad calls otherwise. Both compute the same exact trace.
 BATCHED_EXACT_FROM_DIM = 16
 
 
