@@ -249,9 +249,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             f"\nNFE floor: sampling from a constant field (perfectly straight paths) at the same "
             f"tolerance takes {floor} NFE.\n"
         )
-    if variational_rows:
-        vi_columns = ["energy", "model", "kl", "kl_estimate", "ess", "steps", "train_seconds"]
-        with path.open("a") as handle:
+        if variational_rows:
+            vi_columns = ["energy", "model", "kl", "kl_estimate", "ess", "steps", "train_seconds"]
             handle.write("\nVariational inference (reverse KL, examples/variational_inference.py):\n\n")
             handle.write(markdown_table(variational_rows, vi_columns))
     figure = plot(rows, true_nll, out / "training_speed.png")
