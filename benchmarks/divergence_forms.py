@@ -1,37 +1,50 @@
-"""Which exact-divergence form is fastest per dimension (sets BATCHED_EXACT_FROM_DIM).
+"""Which exact-divergence form is fastest per dimension.
 
-    python benchmarks/divergence_forms.py            # d = 2, 8, 16, 32; writes results/divergence_forms.*
+    python -m benchmarks.divergence_forms            # d = 2, 8, 16, 32; writes results/divergence_forms.*
 
-Times one divergence evaluation with a graph for training (create_graph=True, then backward),
-as in a maximum-likelihood step, for the coordinate loop and the batched vector-Jacobian form.
+Times one field evaluation with its exact divergence for a 64x3 MLPField, with a graph for
+training (then backward, as in a maximum-likelihood step) and without (evaluation), in three
+forms: the autograd coordinate loop and the batched vector-Jacobian product (what any field
+gets; their crossover sets BATCHED_EXACT_FROM_DIM) and MLPField's forward-mode
+``velocity_and_divergence`` (what cnf uses for MLPField). The three run in turn within each
+round; the speed-up is the median of the per-round ratios (fastest autograd form / forward mode).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import median_seconds, write_results
+from benchmarks.common import interleaved_seconds, write_results
 from cnf.divergence import exact_divergence_batched, exact_divergence_loop
 from cnf.fields import MLPField
 
 
-def time_form(form, dim: int, batch: int, create_graph: bool, repeats: int) -> float:
+def step_of(form, dim: int, batch: int, create_graph: bool) -> Callable[[], None]:
+    """Field + exact divergence (+ backward when training); ``form`` is an autograd form, or
+    None for MLPField's forward mode."""
     torch.manual_seed(0)
     field = MLPField(dim)
     x = torch.randn(batch, dim)
     t = torch.tensor(0.5)
 
     def step() -> None:
-        xr = x.clone().requires_grad_(True)
-        f = field(t, xr)
-        div = form(f, xr, create_graph)
+        with torch.set_grad_enabled(create_graph):
+            if form is None:
+                f, div = field.velocity_and_divergence(t, x.clone().requires_grad_(create_graph))
+            else:
+                xr = x.clone().requires_grad_(True)
+                with torch.enable_grad():  # autograd needs a graph even to evaluate
+                    f = field(t, xr)
+                    div = form(f, xr, create_graph)
         if create_graph:
-            div.sum().backward()
+            (div.sum() + f.sum()).backward()
 
-    return median_seconds(step, repeats=repeats)
+    return step
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -49,23 +62,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for dim in args.dims:
         for mode, create_graph in (("training", True), ("evaluation", False)):
-            loop = time_form(exact_divergence_loop, dim, args.batch, create_graph, args.repeats)
-            batched = time_form(exact_divergence_batched, dim, args.batch, create_graph, args.repeats)
+            forms = {"loop": exact_divergence_loop, "batched": exact_divergence_batched, "forward_mode": None}
+            steps = {name: step_of(form, dim, args.batch, create_graph) for name, form in forms.items()}
+            rounds = interleaved_seconds(steps, repeats=args.repeats, warmup=2)
+            times = {name: statistics.median(seconds) for name, seconds in rounds.items()}
+            autograd = min(("loop", "batched"), key=times.get)
+            ratios = [a / b for a, b in zip(rounds[autograd], rounds["forward_mode"])]
             rows.append(
                 {
                     "dim": dim,
                     "mode": mode,
-                    "loop_ms": loop * 1e3,
-                    "batched_ms": batched * 1e3,
-                    "fastest": "loop" if loop <= batched else "batched",
+                    **{f"{form}_ms": seconds * 1e3 for form, seconds in times.items()},
+                    "fastest_autograd": autograd,
+                    "forward_mode_speedup": statistics.median(ratios),
                 }
             )
-    from pathlib import Path
-
     write_results(
         "divergence_forms",
         rows,
-        ["dim", "mode", "loop_ms", "batched_ms", "fastest"],
+        [
+            "dim",
+            "mode",
+            "loop_ms",
+            "batched_ms",
+            "forward_mode_ms",
+            "fastest_autograd",
+            "forward_mode_speedup",
+        ],
         {"batch": args.batch, "repeats": args.repeats},
         Path(args.out) if args.out else None,
     )

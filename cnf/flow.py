@@ -76,6 +76,8 @@ class AugmentedDynamics(nn.Module):
     With ``regularization=True`` two more states follow (RNODE, Finlay et al. 2020):
     d/dt of ||u||^2 and of ||probe^T du/dx||^2, the latter from the same vector-Jacobian
     product as the Hutchinson divergence (``probe`` is then required, also for ``exact``).
+    For the exact divergence a field with ``velocity_and_divergence`` (MLPField with a named
+    activation) supplies u and div u itself, from one forward-mode pass.
     """
 
     def __init__(
@@ -92,9 +94,18 @@ class AugmentedDynamics(nn.Module):
         self.divergence = divergence
         self.probe = probe
         self.regularization = regularization
+        # A field that knows its own exact divergence (MLPField) skips autograd altogether.
+        self.analytic = (
+            divergence == "exact"
+            and not regularization
+            and callable(getattr(field, "velocity_and_divergence", None))
+            and bool(getattr(field, "has_analytic_divergence", False))
+        )
 
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = state[0]
+        if self.analytic:
+            return self.field.velocity_and_divergence(t, x)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if not create_graph or not x.requires_grad:

@@ -1,0 +1,122 @@
+"""MLPField's fused layers and its forward-mode divergence against autograd (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import cnf
+from cnf.divergence import exact_divergence_loop
+from cnf.fields import ACTIVATIONS, TIME_EMBEDDINGS
+from cnf.flow import AugmentedDynamics
+
+
+def random_field(dim: int, activation: str, embedding: str, hidden: tuple[int, ...] = (8, 8)) -> cnf.MLPField:
+    torch.manual_seed(dim + len(hidden))
+    field = cnf.MLPField(dim, hidden=hidden, activation=activation, time_embedding=embedding).double()
+    with torch.no_grad():  # larger weights so that every activation works off its linear part
+        for p in field.parameters():
+            p.mul_(2.0)
+    return field
+
+
+def autograd_velocity_and_divergence(field: nn.Module, t: torch.Tensor, x: torch.Tensor):
+    x = x.detach().requires_grad_(True)
+    f = field(t, x)
+    return f, exact_divergence_loop(f, x, create_graph=False)
+
+
+@pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize(("dim", "hidden"), [(1, (8, 8)), (3, (8, 8)), (3, (5,)), (2, ())])
+def test_forward_mode_divergence_equals_autograd(
+    activation: str, embedding: str, dim: int, hidden: tuple[int, ...]
+) -> None:
+    field = random_field(dim, activation, embedding, hidden)
+    x = torch.randn(11, dim, dtype=torch.float64)
+    t = torch.tensor(0.37, dtype=torch.float64)
+    f_expected, div_expected = autograd_velocity_and_divergence(field, t, x)
+    with torch.no_grad():
+        f, div = field.velocity_and_divergence(t, x)
+    torch.testing.assert_close(f, f_expected.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(div, div_expected, rtol=0, atol=1e-12)
+    assert div.abs().max() > 1e-3  # the check is not trivially 0 == 0
+
+
+@pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
+def test_fused_layers_equal_the_per_sample_time_formula(embedding: str) -> None:
+    # One shared time takes the fused x W(t)^T + b(t); one time per sample the layer's formula.
+    field = random_field(3, "tanh", embedding)
+    x = torch.randn(6, 3, dtype=torch.float64)
+    shared = field(torch.tensor(0.6, dtype=torch.float64), x)
+    per_sample = field(torch.full((6,), 0.6, dtype=torch.float64), x)
+    torch.testing.assert_close(shared, per_sample, rtol=0, atol=1e-12)
+
+
+def test_forward_mode_parameter_gradients_equal_double_backward() -> None:
+    field = random_field(3, "tanh", "concatsquash")
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.2, dtype=torch.float64)
+
+    def gradients(use_forward_mode: bool) -> list[torch.Tensor]:
+        if use_forward_mode:
+            f, div = field.velocity_and_divergence(t, x)
+        else:
+            f = field(t, x)
+            div = exact_divergence_loop(f, x, create_graph=True)
+        loss = (div**2).sum() + (f**2).sum()
+        return torch.autograd.grad(loss, [x, *field.parameters()])
+
+    for got, expected in zip(gradients(True), gradients(False), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+class Wrapped(nn.Module):
+    """The same field without velocity_and_divergence: forces the autograd divergence."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+        self.dim = field.dim
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.field(t, x)
+
+
+def test_cnf_log_prob_and_gradient_equal_the_autograd_path() -> None:
+    field = random_field(2, "softplus", "concatsquash")
+    solver = cnf.Solver("rk4", step_size=0.05)  # fixed steps: both take the same evaluations
+    fast, reference = cnf.CNF(field, solver=solver), cnf.CNF(Wrapped(field), solver=solver)
+    assert AugmentedDynamics(field, "exact", None).analytic
+    assert not AugmentedDynamics(Wrapped(field), "exact", None).analytic
+    x = torch.randn(20, 2, dtype=torch.float64)
+    results = []
+    for flow in (fast, reference):
+        field.zero_grad()
+        log_p = flow.log_prob(x)
+        log_p.sum().backward()
+        results.append((log_p.detach(), [p.grad.clone() for p in field.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for got, expected in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_other_divergences_and_activations_keep_autograd() -> None:
+    custom = cnf.MLPField(2, hidden=(8,), activation=nn.Softsign())
+    assert not custom.has_analytic_divergence
+    assert not AugmentedDynamics(custom, "exact", None).analytic
+    x = torch.randn(4, 2)
+    with pytest.raises(ValueError, match="Softsign"):
+        custom.velocity_and_divergence(0.5, x)
+    with torch.no_grad():  # still scores, through autograd
+        assert torch.isfinite(cnf.CNF(custom).log_prob(x)).all()
+    field = cnf.MLPField(2, hidden=(8,))
+    assert not AugmentedDynamics(field, "hutchinson", torch.ones(4, 2)).analytic
+    assert not AugmentedDynamics(field, "exact", torch.ones(4, 2), regularization=True).analytic
+
+
+def test_forward_mode_needs_one_shared_time() -> None:
+    field = cnf.MLPField(2, hidden=(8,))
+    with pytest.raises(ValueError, match=r"one time shared by the batch.*\(4,\)"):
+        field.velocity_and_divergence(torch.rand(4), torch.randn(4, 2))
