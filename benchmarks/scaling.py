@@ -1,16 +1,17 @@
 """Cost of log_prob against dimension and batch size: exact divergence against Hutchinson.
 
-    python -m benchmarks.scaling                # d = 2..64, batches 128 and 1024; ~10 min on 2 cores
+    python -m benchmarks.scaling                # d = 2..64, batches 128 and 1024; ~3 min on 2 cores
     python -m benchmarks.scaling --quick        # seconds; what the tests run
 
 For a random MLPField on R^d (64x3), one scoring solve with a fixed-step solver (rk4, h=0.25:
 16 evaluations, so every divergence does the same number of field evaluations) is timed in two
 modes: ``evaluation`` (no gradients) and ``training`` (log_prob + backward, as in one maximum
-likelihood step). Divergences: exact (cnf picks the loop or the batched form by d), Hutchinson
+likelihood step). Divergences: exact (MLPField's forward-mode divergence), Hutchinson
 with Gaussian and with Rademacher probes. For Hutchinson, the standard deviation of the log p
 estimate over ``--probes`` independent probes (mean over points) and its mean bias against the
 exact value. The crossover is the smallest d from which Hutchinson (the faster noise) is faster
-than the exact divergence, per mode and batch. Writes benchmarks/results/scaling.{json,md}.
+than the exact divergence, per mode and batch; the three divergences take turns within each
+round (median of --repeats rounds). Writes benchmarks/results/scaling.{json,md}.
 
 References: Hutchinson (1990); Grathwohl et al. (2019), "FFJORD", section on scaling.
 """
@@ -18,14 +19,15 @@ References: Hutchinson (1990); Grathwohl et al. (2019), "FFJORD", section on sca
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, median_seconds, write_results
+from benchmarks.common import RESULTS, interleaved_seconds, write_results
 from cnf import CNF, MLPField, Solver
 
 SOLVER = Solver("rk4", step_size=0.25)
@@ -41,34 +43,42 @@ def measure(dim: int, batch: int, mode: str, probes: int, repeats: int, seed: in
     torch.manual_seed(seed)
     field = MLPField(dim)
     x = torch.randn(batch, dim, generator=torch.Generator().manual_seed(seed + 1))
-    rows = []
     with torch.no_grad():
         exact = CNF(field, solver=SOLVER).log_prob(x)
-    for divergence, noise in DIVERGENCES:
-        flow = CNF(field, divergence=divergence, noise=noise, solver=SOLVER)
+    flows = {
+        name(divergence, noise): CNF(field, divergence=divergence, noise=noise, solver=SOLVER)
+        for divergence, noise in DIVERGENCES
+    }
+
+    def runner(flow: CNF) -> Callable[[], None]:
         if mode == "evaluation":
 
-            def run(flow: CNF = flow) -> None:
+            def run() -> None:
                 with torch.no_grad():
                     flow.log_prob(x)
         else:
 
-            def run(flow: CNF = flow) -> None:
+            def run() -> None:
                 flow.zero_grad(set_to_none=True)
                 (-flow.log_prob(x).mean()).backward()
 
-        seconds = median_seconds(run, repeats=repeats)
+        return run
+
+    # The three divergences take turns within each round, so machine drift hits them alike.
+    rounds = interleaved_seconds({key: runner(flow) for key, flow in flows.items()}, repeats=repeats)
+    rows = []
+    for key, flow in flows.items():
         row: dict[str, Any] = {
             "mode": mode,
             "batch": batch,
             "dim": dim,
-            "divergence": name(divergence, noise),
-            "seconds": seconds,
+            "divergence": key,
+            "seconds": statistics.median(rounds[key]),
             "nfe": flow.stats.nfe_forward,
             "hutchinson_std": None,
             "hutchinson_bias": None,
         }
-        if divergence == "hutchinson" and mode == "evaluation":
+        if flow.divergence == "hutchinson" and mode == "evaluation":
             generator = torch.Generator().manual_seed(seed + 2)
             with torch.no_grad():
                 estimates = torch.stack([flow.log_prob(x, generator=generator) for _ in range(probes)])
@@ -106,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--modes", nargs="+", default=["evaluation", "training"], choices=["evaluation", "training"]
     )
     parser.add_argument("--probes", type=int, default=20, help="probes for the Hutchinson standard deviation")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for the tests)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
