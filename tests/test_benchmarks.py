@@ -37,6 +37,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     payload = _read(tmp_path, name)
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
+    if name == "divergence_forms":
+        solves = _read(tmp_path, "divergence_solves")["rows"]
+        assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
