@@ -12,7 +12,8 @@ torch). A peer that does not import is skipped and the reason is written into th
    loaded with --checkpoint) is integrated by cnf, zuko's FreeFormJacobianTransform (zuko's
    CNF), torchdyn's NeuralODE + CNF and flow_matching's ODESolver.compute_likelihood, all with
    dopri5 at the same rtol = atol and the exact divergence, scoring the same test points in
-   float32: median seconds, NFE, and mean / max |log p error| against a float64 dopri8 solve
+   float32, the four taking turns within each round: median seconds, each peer's median
+   per-round ratio to cnf, NFE, and mean / max |log p error| against a float64 dopri8 solve
    at 1e-10. Also cnf's PlanarFlow against normflows' Planar on identical weights (base ->
    data with log densities: normflows' tanh Planar has no inverse, so it cannot score data).
 2. Training. Each library's own recipe (README or tutorial) for the same wall-clock budget on
