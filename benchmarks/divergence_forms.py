@@ -31,7 +31,7 @@ from cnf import CNF, Solver
 from cnf.checkpoint import load_checkpoint
 from cnf.data import sample_toy
 from cnf.divergence import exact_divergence_batched, exact_divergence_loop
-from cnf.fields import MLPField
+from cnf.fields import AutogradField, MLPField
 
 
 def step_of(form, dim: int, batch: int, create_graph: bool) -> Callable[[], None]:
@@ -57,22 +57,10 @@ def step_of(form, dim: int, batch: int, create_graph: bool) -> Callable[[], None
     return step
 
 
-class AutogradOnly(nn.Module):
-    """The same field without ``velocity_and_divergence``: the CNF then takes autograd VJPs."""
-
-    def __init__(self, field: nn.Module) -> None:
-        super().__init__()
-        self.field = field
-        self.dim = field.dim
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.field(t, x)
-
-
 def solve_rows(field: nn.Module, points: int, batch: int, repeats: int) -> list[dict[str, Any]]:
     """Scoring and one training step, forward mode against autograd, in whole dopri5 solves."""
     solver = Solver("dopri5", rtol=1e-5, atol=1e-5)
-    flows = {"forward_mode": CNF(field, solver=solver), "autograd": CNF(AutogradOnly(field), solver=solver)}
+    flows = {"forward_mode": CNF(field, solver=solver), "autograd": CNF(AutogradField(field), solver=solver)}
     x = torch.as_tensor(sample_toy("8gaussians", points, seed=1), dtype=torch.float32)
 
     def scoring(flow: CNF) -> Callable[[], None]:

@@ -198,6 +198,19 @@ class MLPField(nn.Module):
         }
 
 
+class AutogradField(nn.Module):
+    """A field seen without its ``velocity_and_divergence``: a CNF around it takes the exact
+    divergence from autograd VJPs instead (to compare the two; same values)."""
+
+    def __init__(self, field: nn.Module) -> None:
+        super().__init__()
+        self.field = field
+        self.dim = field.dim
+
+    def forward(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        return self.field(t, x)
+
+
 class LinearField(nn.Module):
     """``u(x, t) = A x``: the analytic test case (x(1) = expm(A) x(0))."""
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import cnf
 from cnf.divergence import exact_divergence_loop
-from cnf.fields import ACTIVATIONS, TIME_EMBEDDINGS
+from cnf.fields import ACTIVATIONS, TIME_EMBEDDINGS, AutogradField
 from cnf.flow import AugmentedDynamics
 
 
@@ -72,24 +72,12 @@ def test_forward_mode_parameter_gradients_equal_double_backward() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
-class Wrapped(nn.Module):
-    """The same field without velocity_and_divergence: forces the autograd divergence."""
-
-    def __init__(self, field: nn.Module) -> None:
-        super().__init__()
-        self.field = field
-        self.dim = field.dim
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.field(t, x)
-
-
 def test_cnf_log_prob_and_gradient_equal_the_autograd_path() -> None:
     field = random_field(2, "softplus", "concatsquash")
     solver = cnf.Solver("rk4", step_size=0.05)  # fixed steps: both take the same evaluations
-    fast, reference = cnf.CNF(field, solver=solver), cnf.CNF(Wrapped(field), solver=solver)
+    fast, reference = cnf.CNF(field, solver=solver), cnf.CNF(AutogradField(field), solver=solver)
     assert AugmentedDynamics(field, "exact", None).analytic
-    assert not AugmentedDynamics(Wrapped(field), "exact", None).analytic
+    assert not AugmentedDynamics(AutogradField(field), "exact", None).analytic
     x = torch.randn(20, 2, dtype=torch.float64)
     results = []
     for flow in (fast, reference):
