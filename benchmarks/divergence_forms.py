@@ -1,6 +1,7 @@
 """Which exact-divergence form is fastest per dimension.
 
-    python -m benchmarks.divergence_forms            # d = 2, 8, 16, 32; writes results/divergence_forms.*
+    python -m benchmarks.divergence_forms --checkpoint runs/8g/checkpoint.pt   # ~2 min on 2 cores
+    python -m benchmarks.divergence_forms --quick    # seconds; what the tests run
 
 Times one field evaluation with its exact divergence for a 64x3 MLPField, with a graph for
 training (then backward, as in a maximum-likelihood step) and without (evaluation), in three
@@ -10,8 +11,8 @@ gets; their crossover sets BATCHED_EXACT_FROM_DIM) and MLPField's forward-mode
 round; the speed-up is the median of the per-round ratios (fastest autograd form / forward mode).
 
 Then whole solves (``divergence_solves.{json,md}``): one 2-D field (``--checkpoint``, else a
-random 64x3 MLPField) in a CNF as it is (forward mode) and behind a wrapper that hides
-``velocity_and_divergence`` (autograd), dopri5 at 1e-5: scoring 10,000 8gaussians points and a
+random 64x3 MLPField) in a CNF as it is (forward mode) and behind ``cnf.fields.AutogradField``,
+which hides ``velocity_and_divergence`` (autograd), dopri5 at 1e-5: scoring 10,000 8gaussians points and a
 512-point maximum-likelihood step, the two taking turns.
 """
 
