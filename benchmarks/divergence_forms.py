@@ -4,8 +4,8 @@
     python -m benchmarks.divergence_forms --quick    # seconds; what the tests run
 
 Times one field evaluation with its exact divergence for a 64x3 MLPField, with a graph for
-training (then backward, as in a maximum-likelihood step) and without (evaluation), in three
-forms: the autograd coordinate loop and the batched vector-Jacobian product (what any field
+training (then backward, as in a maximum-likelihood step) and without (evaluation), against the
+field alone (``field_only``: no divergence, the floor of any exact form), in three forms: the autograd coordinate loop and the batched vector-Jacobian product (what any field
 gets; their crossover sets BATCHED_EXACT_FROM_DIM) and MLPField's forward-mode
 ``velocity_and_divergence`` (what cnf uses for MLPField). The three run in turn within each
 round; the speed-up is the median of the per-round ratios (fastest autograd form / forward mode).
@@ -36,8 +36,9 @@ from cnf.fields import AutogradField, MLPField
 
 
 def step_of(form, dim: int, batch: int, create_graph: bool) -> Callable[[], None]:
-    """Field + exact divergence (+ backward when training); ``form`` is an autograd form, or
-    None for MLPField's forward mode."""
+    """Field + exact divergence (+ backward when training); ``form`` is an autograd form, None
+    for MLPField's forward mode, or "field_only" for the field without its divergence (the
+    floor every exact form builds on)."""
     torch.manual_seed(0)
     field = MLPField(dim)
     x = torch.randn(batch, dim)
@@ -45,7 +46,10 @@ def step_of(form, dim: int, batch: int, create_graph: bool) -> Callable[[], None
 
     def step() -> None:
         with torch.set_grad_enabled(create_graph):
-            if form is None:
+            if form == "field_only":
+                f = field(t, x)
+                div = f[:, 0]
+            elif form is None:
                 f, div = field.velocity_and_divergence(t, x.clone().requires_grad_(create_graph))
             else:
                 xr = x.clone().requires_grad_(True)
@@ -113,7 +117,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     for dim in args.dims:
         for mode, create_graph in (("training", True), ("evaluation", False)):
-            forms = {"loop": exact_divergence_loop, "batched": exact_divergence_batched, "forward_mode": None}
+            forms = {
+                "field_only": "field_only",
+                "loop": exact_divergence_loop,
+                "batched": exact_divergence_batched,
+                "forward_mode": None,
+            }
             steps = {name: step_of(form, dim, args.batch, create_graph) for name, form in forms.items()}
             rounds = interleaved_seconds(steps, repeats=args.repeats, warmup=2)
             times = {name: statistics.median(seconds) for name, seconds in rounds.items()}
@@ -134,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         [
             "dim",
             "mode",
+            "field_only_ms",
             "loop_ms",
             "batched_ms",
             "forward_mode_ms",

@@ -17,9 +17,9 @@ NOISES = ("gaussian", "rademacher")
 
 # For fields without their own forward-mode divergence (MLPField has one: see cnf.fields),
 # measured by benchmarks/divergence_forms.py (2 CPU cores, batch 512, 64-64-64 field, ms per
-# evaluation, loop / batched, four runs, the last two with the forms interleaved): without a
-# graph (evaluation) the batched call won at d=16 in all four (6.4 / 3.3 at best) and at d=8
-# in three of four; with a graph for training the loop wins from d=8 (d=32: 29-48 / 48-88).
+# evaluation, loop / batched, five runs, the last three with the forms interleaved): without a
+# graph (evaluation) the batched call won at d=16 in all five (6.4 / 3.3 at best) and at d=8
+# in four of five; with a graph for training the loop wins from d=8 (d=32: 29-48 / 48-88).
 # So the batched vector-Jacobian product is used for evaluation from d=16 on, the loop of
 # autograd.grad calls otherwise. Both compute the same exact trace.
 BATCHED_EXACT_FROM_DIM = 16
