@@ -165,16 +165,16 @@ class MLPField(nn.Module):
             raise ValueError(
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
-        if not self.has_analytic_divergence:
-            raise ValueError(
-                f"no analytic derivative for activation {self.activation_name!r}; use cnf.exact_divergence"
-            )
         h, columns = x, None  # columns[j] = d h / d x_j, shape (d, batch, width)
         for layer, activation in zip(self.layers[:-1], self.activations):
             weight, bias = layer.affine(tt)
             pre = nn.functional.linear(h, weight, bias)
             h = activation(pre)
             slope = activation_derivative(activation, pre, h)
+            if slope is None:
+                raise ValueError(
+                    f"no analytic derivative for activation {self.activation_name!r}; use cnf.exact_divergence"
+                )
             if columns is None:
                 # (d, batch, width), contiguous so that the next layer's reshape is free
                 columns = slope.unsqueeze(0) * weight.t().contiguous().unsqueeze(1)
