@@ -3,8 +3,9 @@
 A checkpoint is a ``torch.save`` dict with ``format == "cnf-checkpoint"`` that holds only
 tensors and plain Python types (dict, list, tuple, str, int, float, bool, None), so that
 ``torch.load(path, weights_only=True)`` reads it: loading a checkpoint never runs code. It
-carries a SHA-256 checksum of its content (:func:`payload_digest`), verified on every read,
-so a damaged file is refused rather than loaded. Writes are durable and atomic
+carries two SHA-256 checksums, verified on every read, so a damaged file is refused rather than
+loaded: one of its bytes (in the zip comment, which ``torch.load`` ignores) and one of its
+content (:func:`payload_digest`, independent of how the bytes were pickled). Writes are durable and atomic
 (:func:`cnf.outputs.atomic_write_bytes`). The training history is not stored here; it lives
 in the run's ``train_log.jsonl``.
 
@@ -166,13 +167,45 @@ def payload_digest(payload: dict[str, Any]) -> str:
 
 
 # -- writing and reading -----------------------------------------------------------------------
+_END_OF_ZIP = b"PK\x05\x06"
+_TRAILER_TAG = b"cnf-sha256:"
+_TRAILER_LENGTH = len(_TRAILER_TAG) + 64
+
+
+def _with_file_checksum(raw: bytes) -> bytes:
+    """Put the SHA-256 of the file into its zip comment: then any changed byte is detected.
+
+    ``torch.save`` writes a zip archive ending in the end-of-central-directory record with an
+    empty comment (its last two bytes); the digest covers every byte before that length field.
+    """
+    if raw[-22:-18] != _END_OF_ZIP or raw[-2:] != b"\x00\x00":  # pragma: no cover - format change
+        raise RuntimeError("torch.save wrote an unexpected archive layout; cannot add the file checksum")
+    comment = _TRAILER_TAG + hashlib.sha256(raw[:-2]).hexdigest().encode()
+    return raw[:-2] + len(comment).to_bytes(2, "little") + comment
+
+
+def _verify_file_checksum(raw: bytes, path: Path) -> bool:
+    """True if ``raw`` carries a file checksum and it matches; a wrong one raises CheckpointError."""
+    tail = raw[-_TRAILER_LENGTH:]
+    if not tail.startswith(_TRAILER_TAG):
+        return False
+    body = raw[: -_TRAILER_LENGTH - 2]
+    if raw[-_TRAILER_LENGTH - 2 : -_TRAILER_LENGTH] != _TRAILER_LENGTH.to_bytes(2, "little") or (
+        hashlib.sha256(body).hexdigest().encode() != tail[len(_TRAILER_TAG) :]
+    ):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is damaged: its bytes do not match the SHA-256 checksum stored in it"
+        )
+    return True
+
+
 def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
-    """``payload`` with its checksum, serialised by ``torch.save``."""
+    """``payload`` with its content checksum, serialised by ``torch.save``, plus the file checksum."""
     _check_plain(payload, "payload")
     payload = {**payload, CHECKSUM_KEY: {"algorithm": "sha256", "hex": payload_digest(payload)}}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    return buffer.getvalue()
+    return _with_file_checksum(buffer.getvalue())
 
 
 def save_checkpoint(path: str | os.PathLike, flow: nn.Module, **extra: Any) -> Path:
@@ -203,8 +236,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    raw = path.read_bytes()
+    file_checked = _verify_file_checksum(raw, path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         lines = [line.strip() for line in str(error).splitlines()]
         unsafe = next((line for line in lines if "GLOBAL" in line), None)
@@ -229,6 +264,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             "upgrade cnf"
         )
     stored = payload.get(CHECKSUM_KEY)
+    if version >= 2 and not file_checked:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no file checksum; it was altered or truncated")
     if version >= 2 or stored is not None:
         if not isinstance(stored, dict) or stored.get("algorithm") != "sha256":
             raise CheckpointError(f"checkpoint {str(path)!r} has no valid checksum; it may be damaged")

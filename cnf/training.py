@@ -485,6 +485,7 @@ def _train_loop(
                 stopped_by = "time_limit"
                 break
             step_start = time.perf_counter()
+            rng_before_step = torch.get_rng_state()  # an abandoned step must not consume randomness
             batch = data[torch.randint(0, n, (min(settings.batch_size, n),))]
             optimizer.zero_grad(set_to_none=True)
             try:
@@ -494,6 +495,7 @@ def _train_loop(
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
                 loss.backward()
             except SolveInterrupted as error:
+                torch.set_rng_state(rng_before_step)
                 if stop.signal_name is not None:
                     break
                 stopped_by = "time_limit"
