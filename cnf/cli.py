@@ -20,7 +20,7 @@ import torch
 
 from cnf import __version__, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
-from cnf.data import load_data, split
+from cnf.data import load_data, split, true_log_prob
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
@@ -115,6 +115,16 @@ def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
         "seconds": seconds,
         "n": int(data.shape[0]),
     }
+
+
+def known_true_nll(source: str, test_set: torch.Tensor) -> float | None:
+    """The true NLL of the test points for a toy dataset with a closed-form density, else None."""
+    if is_file_source(source):
+        return None
+    try:
+        return -true_log_prob(source, test_set.double()).mean().item()
+    except ValueError:
+        return None
 
 
 def parse_threads(text: str) -> int | str:
@@ -268,14 +278,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         "threads": result.threads,
         "settings": asdict(settings),
     }
+    true_nll = known_true_nll(run["data"], test_set)
+    if true_nll is not None:
+        summary.update(true_nll=true_nll, excess_nll=metrics["nll"] - true_nll)
     atomic_write_text(out / SUMMARY_NAME, strict_json(summary, indent=2))
     best = f" (best validation at step {result.best_step}: {result.best_checkpoint})" if result.best_step else ""
     print(
         f"trained {summary['model']} on {run['data']}: {result.step} steps in {result.seconds:.1f} s "
         f"(stopped by {result.stopped_by})\n"
         f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
-        f"on {metrics['n']} points, NFE {metrics['nfe']}\n"
-        f"checkpoint: {result.checkpoint}{best}"
+        f"on {metrics['n']} points, NFE {metrics['nfe']}"
+        + (f"; true NLL {true_nll:.4f}, excess {metrics['nll'] - true_nll:.4f}\n" if true_nll else "\n")
+        + f"checkpoint: {result.checkpoint}{best}"
     )
     if args.plot:
         from cnf.plots import plot_all
