@@ -5,8 +5,9 @@ from cnf.divergence import exact_divergence, hutchinson_divergence
 from cnf.fields import LinearField, MLPField
 from cnf.flow import CNF, StandardNormal
 from cnf.planar import PlanarFlow
+from cnf.recipes import recipe
 from cnf.solver import Solver, SolverError, SolveStats
-from cnf.training import TrainingError, TrainSettings, evaluate_nll, train
+from cnf.training import TrainingError, TrainingInterrupted, TrainSettings, evaluate_nll, train
 
 __version__ = "0.1.0"
 
@@ -21,11 +22,13 @@ __all__ = [
     "StandardNormal",
     "TrainSettings",
     "TrainingError",
+    "TrainingInterrupted",
     "__version__",
     "evaluate_nll",
     "exact_divergence",
     "hutchinson_divergence",
     "load_checkpoint",
+    "recipe",
     "save_checkpoint",
     "train",
 ]

@@ -78,7 +78,10 @@ def _flag(name: str) -> str:
 
 def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     """The flags among ``names`` that the user passed (their argparse default is None)."""
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if given.get("ema_decay") == 0:  # --ema-decay 0: no moving average
+        given["ema_decay"] = None
+    return given
 
 
 def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
@@ -475,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None, help="learning-rate decay")
-    p.add_argument("--ema-decay", type=positive_float, default=None, help="EMA of the weights (flow matching)")
+    p.add_argument(
+        "--ema-decay", type=float, default=None, help="EMA of the weights, in (0, 1); 0 turns it off"
+    )
     p.add_argument("--n-train", type=int, default=None, help="training points drawn of a named dataset")
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)

@@ -57,6 +57,8 @@ LR_SCHEDULES = ("constant", "cosine")
 LOG_NAME = "train_log.jsonl"
 SUMMARY_NAME = "summary.json"
 RUN_FILES = (CHECKPOINT_NAME, BEST_NAME, LOG_NAME, SUMMARY_NAME)
+#: Seconds the first step of a call may run past the time limit (or the limit itself if longer).
+FIRST_STEP_GRACE = 30.0
 
 
 class TrainingError(RuntimeError):
@@ -195,9 +197,11 @@ def _parameter_dtype(flow: nn.Module) -> torch.dtype | None:
 
 
 def resolve_threads(threads: int | str | None, dim: int | None) -> int:
-    """The torch thread count for ``threads`` (an int, or ``"auto"``/None: :func:`default_threads`)."""
+    """The torch thread count for ``threads``: an int, or ``"auto"``/None, which is
+    :func:`cnf.recipes.default_threads` capped by the current ``torch.get_num_threads()`` (a
+    program that lowered it keeps its choice)."""
     if threads is None or threads == "auto":
-        return default_threads(dim or 2)
+        return min(default_threads(dim or 2), torch.get_num_threads())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or 'auto', got {threads!r}")
     return threads
@@ -472,7 +476,10 @@ def _train_loop(
     def should_stop() -> str | None:
         if stop.signal_name is not None:
             return f"{stop.signal_name} received"
-        if time.perf_counter() >= deadline:
+        # The first step of a call may run past the limit by a grace period (a limit shorter than
+        # one step still gives one); later ones are cut at the limit itself.
+        limit = deadline if durations else deadline + max(FIRST_STEP_GRACE, settings.time_limit or 0.0)
+        if time.perf_counter() >= limit:
             return f"time limit of {settings.time_limit:g} s reached"
         return None
 

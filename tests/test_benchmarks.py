@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+from benchmarks import (
+    checkpoint_cost,
+    discrete_vs_continuous,
+    divergence_forms,
+    peers,
+    scaling,
+    threads,
+    train_toy,
+)
 
 BENCHMARKS = {
     "train_toy": train_toy.main,
@@ -20,6 +28,8 @@ BENCHMARKS = {
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
     "scaling": scaling.main,
+    "threads": threads.main,
+    "checkpoint_cost": checkpoint_cost.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 

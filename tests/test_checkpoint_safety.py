@@ -304,20 +304,22 @@ def test_sigint_checkpoints_and_resume_continues(tmp_path: Path, data: torch.Ten
 
 
 class SlowField(torch.nn.Module):
-    """A linear field whose evaluations become slow on demand, as a field blown up by a huge
-    learning rate makes an adaptive solve crawl through thousands of tiny steps."""
+    """A linear field whose evaluations turn slow after ``fast`` more calls, as a field blown up by
+    a huge learning rate makes an adaptive solve crawl through thousands of tiny steps."""
 
     dim = 2
 
     def __init__(self) -> None:
         super().__init__()
         self.linear = torch.nn.Linear(2, 2).double()
-        self.slow_calls = -1
+        self.fast, self.slow_calls = None, 0
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.slow_calls >= 0:
-            self.slow_calls += 1
-            time.sleep(0.005)
+        if self.fast is not None:
+            self.fast -= 1
+            if self.fast < 0:
+                self.slow_calls += 1
+                time.sleep(0.25)
         return self.linear(x) * 0.1
 
 
@@ -325,12 +327,11 @@ def test_time_limit_stops_a_stiff_solve(tmp_path: Path, data: torch.Tensor) -> N
     field = SlowField()
     flow = cnf.CNF(field, solver=cnf.Solver(method="rk4", step_size=0.25))
     first = train(flow, data, iters=20, batch_size=16, out=tmp_path, progress=False)
-    field.slow_calls = 0  # from now on one solve needs 10,000 steps of slow evaluations
-    flow.solver = cnf.Solver(method="rk4", step_size=1e-4, max_steps=100_000)
-    with pytest.raises(TrainingError, match=r"time limit ran out inside one step .*stiff.*last good checkpoint"):
-        train(flow, data, out=tmp_path, resume=tmp_path / "checkpoint.pt", iters=40, time_limit=first.seconds + 1)
-    assert 0 < field.slow_calls < 4 * 10_000  # the solve was cut short
-    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 20
+    field.fast = 3 * 16  # three more quick steps (16 evaluations each), then the solve crawls
+    with pytest.raises(TrainingError, match=r"step 24: the time limit ran out inside one step .*stiff.*checkpoint is"):
+        train(flow, data, out=tmp_path, resume=tmp_path / "checkpoint.pt", iters=40, time_limit=first.seconds + 2)
+    assert 0 < field.slow_calls < 16  # the solve was cut short
+    assert read_checkpoint(tmp_path / "checkpoint.pt")["step"] == 23  # the last good state
 
 
 def test_full_disk_and_bad_out_folders_fail_clearly(tmp_path: Path, data: torch.Tensor, monkeypatch) -> None:
@@ -368,3 +369,26 @@ def test_full_disk_and_bad_out_folders_fail_clearly(tmp_path: Path, data: torch.
 
 def test_strict_json() -> None:
     assert strict_json({"nll": float("inf"), "x": [1.0, float("nan")]}) == '{"nll": null, "x": [1.0, null]}'
+
+
+def test_sigterm_to_cnf_train_leaves_a_resumable_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "cnf.cli", "train", "--out", str(out), "--time-limit", "100"]
+    command += ["--hidden", "8", "--n-train", "300", "--rtol", "1e-3", "--atol", "1e-3", "--iters", "100000"]
+    child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 100
+    while not (log.is_file() and log.read_text().count("\n") >= 5) and time.monotonic() < deadline:
+        assert child.poll() is None, child.communicate()
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130, err.decode()
+    assert "interrupted by SIGTERM" in err.decode() and "cnf train --resume" in err.decode()
+    step = read_checkpoint(out / "checkpoint.pt")["step"]
+    assert step >= 5
+    from cnf.cli import main
+
+    assert main(["train", "--resume", str(out), "--iters", str(step + 2)]) == 0
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == step + 2
