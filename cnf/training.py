@@ -20,8 +20,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from cnf.checkpoint import (
     set_rng_state,
 )
 from cnf.data import check_batch
+from cnf.ema import ExponentialMovingAverage
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
 from cnf.outputs import (
     RunLock,
@@ -205,38 +205,6 @@ def resolve_threads(threads: int | str | None, dim: int | None) -> int:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or 'auto', got {threads!r}")
     return threads
-
-
-class ExponentialMovingAverage:
-    """EMA of a module's floating parameters and buffers: ema <- d ema + (1 - d) w after each step,
-    with the warm-up d_n = min(decay, (1 + n) / (10 + n)) so early weights do not dominate."""
-
-    def __init__(self, module: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    def update(self, module: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = module.state_dict()
-        floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
-        shadow = [self.shadow[k] for k in floats]
-        torch._foreach_mul_(shadow, d)
-        torch._foreach_add_(shadow, [current[k].detach() for k in floats], alpha=1 - d)
-        for key, value in self.shadow.items():
-            if not value.is_floating_point():
-                value.copy_(current[key])
-
-    @contextmanager
-    def applied(self, module: nn.Module) -> Iterator[None]:
-        """Within the block ``module`` holds the averaged weights; its own come back after."""
-        saved = {k: v.detach().clone() for k, v in module.state_dict().items()}
-        module.load_state_dict(self.shadow)
-        try:
-            yield
-        finally:
-            module.load_state_dict(saved)
 
 
 class _StopRequest:
@@ -409,9 +377,9 @@ def _train_loop(
         torch.manual_seed(settings.seed)
     if log_path is not None:
         atomic_write_text(log_path, "".join(strict_json(r) + "\n" for r in history))
-    saved_step = step if payload is not None and checkpoint_path is not None and resume is not None else None
-    if saved_step is not None and Path(resume).resolve() != checkpoint_path.resolve():
-        saved_step = None
+    # The step whose state is in checkpoint_path already (a resume from that very file).
+    resumed_here = payload is not None and checkpoint_path is not None and Path(resume).resolve() == checkpoint_path.resolve()
+    saved_step = step if resumed_here else None
 
     def checkpoint() -> None:
         nonlocal saved_step
@@ -421,7 +389,7 @@ def _train_loop(
         if ema is not None:
             extra["train_state_dict"] = {k: v.detach().clone() for k, v in flow.state_dict().items()}
             extra["ema"] = {"decay": settings.ema_decay, "updates": ema.updates}
-        with ema.applied(flow) if ema is not None else _nothing():
+        with ema.applied(flow) if ema is not None else nullcontext():
             save_checkpoint(
                 checkpoint_path,
                 flow,
@@ -444,19 +412,19 @@ def _train_loop(
             return "no step had completed, so no checkpoint was written"
         return f"the last good checkpoint is {str(checkpoint_path)!r} (step {step})"
 
-    def save_then_fail(message: str, error: BaseException | None = None, kind: type = TrainingError) -> None:
+    def save_then_fail(message: str, error: BaseException | None = None) -> None:
         bar.close()
         if step > 0 and saved_step != step:
             flow.eval()
             checkpoint()
-        raise kind(f"{message}; {kept()}") from error
+        raise TrainingError(f"{message}; {kept()}") from error
 
     val_subset = val_data[: settings.val_size] if val_data is not None else None
     val_nll = None
 
     def validate() -> float:
         nonlocal best
-        with ema.applied(flow) if ema is not None else _nothing():
+        with ema.applied(flow) if ema is not None else nullcontext():
             value = evaluate_nll(flow, val_subset)
             if math.isfinite(value) and (best is None or value < best["val_nll"]):
                 best = {"step": step, "val_nll": value}
@@ -605,8 +573,3 @@ def _train_loop(
         best_checkpoint=best_path if has_best else None,
         threads=threads,
     )
-
-
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield
