@@ -41,6 +41,9 @@ from cnf.data.files import split
 REAL_DATASETS: tuple[str, ...] = ("digits", "wine", "breast_cancer", "galaxies")
 """Names accepted by :func:`load_real` (and by ``--data`` in the CLI)."""
 
+#: Integer levels of the discrete datasets (every value is one of 0..levels-1).
+LEVELS: dict[str, int] = {"digits": 17}
+
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_SEED = 0
 
@@ -190,7 +193,7 @@ def load_real(
     table, columns = real_table(name, path=path)
     data = torch.from_numpy(table)
     train, val, test = split(data, SPLIT_FRACTIONS, SPLIT_SEED)
-    levels = 17 if name == "digits" else None
+    levels = LEVELS.get(name)
     return RealDataset(
         name=name,
         train=train.to(dtype),
