@@ -172,7 +172,8 @@ def train(
         check_batch(val_data, dim, "val_data")
     context_dim = getattr(flow, "context_dim", None)
     context = check_context(context, context_dim, data.shape[0], data)
-    val_context = check_context(val_context, context_dim, None if val_data is None else val_data.shape[0], data)
+    if val_data is not None:
+        val_context = check_context(val_context, context_dim, val_data.shape[0], val_data)
     loss_fn = settings.loss_function()
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     out_dir = Path(out) if out is not None else None
