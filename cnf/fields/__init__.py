@@ -6,6 +6,7 @@
 
 from cnf.fields.mlp import (
     ACTIVATIONS,
+    CONTEXT_MODES,
     TIME_EMBEDDINGS,
     AutogradField,
     ConcatLinear,
@@ -18,6 +19,7 @@ from cnf.fields.mlp import (
 
 __all__ = [
     "ACTIVATIONS",
+    "CONTEXT_MODES",
     "TIME_EMBEDDINGS",
     "AutogradField",
     "ConcatLinear",
