@@ -33,8 +33,16 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
                 "this checkpoint's CNF has a custom velocity field that cannot be rebuilt from its "
                 "config; pass the flow to restore into: load_checkpoint(path, flow=my_flow)"
             )
+        field_config = dict(config["field"])
+        field_kind = field_config.pop("kind", "mlp")
+        if field_kind == "conv":
+            from cnf.fields.conv import ConvField
+
+            field = ConvField(**field_config)
+        else:
+            field = MLPField(**field_config)
         return CNF(
-            MLPField(**config["field"]),
+            field,
             config["dim"],
             divergence=config["divergence"],
             noise=config["noise"],
