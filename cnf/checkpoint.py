@@ -48,6 +48,10 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
             noise=config["noise"],
             solver=Solver.from_dict(config["solver"]),
         )
+    if kind == "multiscale":
+        from cnf.multiscale import MultiScaleCNF
+
+        return MultiScaleCNF.from_config(config)
     if kind == "planar":
         from cnf.planar import PlanarFlow
 
