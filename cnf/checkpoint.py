@@ -52,6 +52,12 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
         from cnf.multiscale import MultiScaleCNF
 
         return MultiScaleCNF.from_config(config)
+    if kind == "transformed":  # a flow with its preprocessing (cnf.transforms)
+        from cnf.transforms import TransformedFlow, build_transform
+
+        if config.get("flow") is None:
+            raise ValueError("this checkpoint's preprocessed flow wraps a custom flow; pass flow= to restore into")
+        return TransformedFlow(build_flow(config["flow"]), build_transform(config["preprocess"]))
     if kind == "planar":
         from cnf.planar import PlanarFlow
 

@@ -110,6 +110,10 @@ def flow_matching_loss(
     :func:`ot_pairing` (Tong et al. 2023). Squared error summed over coordinates, averaged over
     the batch. The field is called with a per-sample time tensor of shape (batch,).
     """
+    preprocess = getattr(flow, "preprocess", None)
+    if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
+        batch, _ = preprocess(batch, generator=generator)
+        flow = flow.flow
     field = getattr(flow, "field", None)
     if not isinstance(field, nn.Module) or not hasattr(flow, "base"):
         raise TypeError(
