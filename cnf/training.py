@@ -124,6 +124,17 @@ def evaluate_nll(flow: nn.Module, data: torch.Tensor, batch_size: int = 10_000) 
     return total / data.shape[0]
 
 
+def _float_if_dequantized(flow: nn.Module, data: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer data (e.g. uint8 images) as floats of the flow's dtype when the flow dequantises
+    its input (a :class:`cnf.transforms.TransformedFlow`); anything else is left to check_batch."""
+    if not isinstance(data, torch.Tensor) or data.dtype.is_floating_point or data.dtype == torch.bool:
+        return data
+    if getattr(flow, "preprocess", None) is None:
+        return data
+    param = next(flow.parameters(), None)
+    return data.to(param.dtype if param is not None else torch.get_default_dtype())
+
+
 def _use_progress_bar(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
@@ -139,7 +150,8 @@ def train(
     progress: bool | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``flow`` on ``data`` (n, dim) by the chosen objective with Adam.
+    """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
+    them (:func:`cnf.images.image_flow`), by the chosen objective with Adam.
 
     Args:
         settings: a :class:`TrainSettings`; keyword ``overrides`` (``iters=``, ``lr=``, ...)
@@ -152,6 +164,7 @@ def train(
     if overrides:
         settings = TrainSettings(**{**asdict(settings), **overrides})
     dim = getattr(flow, "dim", None)
+    data, val_data = _float_if_dequantized(flow, data), _float_if_dequantized(flow, val_data)
     check_batch(data, dim, "data")
     if val_data is not None:
         check_batch(val_data, dim, "val_data")
