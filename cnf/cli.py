@@ -21,6 +21,7 @@ import torch
 from cnf import __version__, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
 from cnf.data import load_data, split, true_log_prob
+from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
@@ -35,9 +36,11 @@ from cnf.training import (
     TrainingInterrupted,
     TrainSettings,
     _existing_run_files,
+    event_shape,
     resolve_threads,
     train,
 )
+from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
@@ -97,7 +100,11 @@ def is_file_source(source: str) -> bool:
 
 
 def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train/validation/test sets: fresh seeded samples for a dataset name, a split for a file."""
+    """Train/validation/test sets: fresh seeded samples for a toy name, the fixed split of a real
+    dataset (:mod:`cnf.data.real`), a seeded split for a file."""
+    if source in REAL_DATASETS:
+        data = load_real(source)
+        return data.train, data.val, data.test
     if is_file_source(source):
         return split(load_data(source), seed=seed)
     train_set = load_data(source, n=n_train, seed=seed)
@@ -106,18 +113,43 @@ def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, tor
     return train_set, val_set, test_set
 
 
+def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
+    """Data to score: a file's rows, a real dataset's test split, or n seeded toy samples."""
+    if source in REAL_DATASETS:
+        return load_real(source).test
+    if is_file_source(source):
+        return load_data(source)
+    return load_data(source, n=n, seed=seed)
+
+
 def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
-    """Test NLL in nats, NFE of the scoring solve and seconds, all from one pass."""
+    """Test NLL in nats (data units), NFE of the scoring solve and seconds, all from one pass;
+    bits per dimension too for discrete data (a flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
         log_prob = flow.log_prob(data)
     seconds = time.perf_counter() - start
-    return {
+    metrics = {
         "nll": -log_prob.mean().item(),
         "nfe": flow.stats.nfe_forward,
         "seconds": seconds,
         "n": int(data.shape[0]),
     }
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(log_prob.mean(), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def preprocessed(
+    args: argparse.Namespace, source: str, flow: torch.nn.Module, train_set: torch.Tensor
+) -> torch.nn.Module:
+    """Wrap ``flow`` with the preprocessing the data need (or that the flags ask for), saying which."""
+    levels = args.levels if args.levels is not None else LEVELS.get(source)
+    preprocess, notes = choose_preprocessing(train_set, args.preprocess, levels=levels, alpha=args.alpha)
+    for note in notes:
+        print(f"preprocessing ({args.preprocess}): {note}")
+    return flow if preprocess is None else TransformedFlow(flow, preprocess)
 
 
 def known_true_nll(source: str, test_set: torch.Tensor) -> float | None:
@@ -156,10 +188,10 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.manual_seed(run["seed"])
-    flow = build_model(args, dim)
+    flow = preprocessed(args, run["data"], build_model(args, dim), splits[0])
     objective = args.objective or "likelihood"
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-    data_kind = "tabular" if is_file_source(run["data"]) else "toy"
+    data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
     base = recipe(objective, dim, data_kind, time_limit=time_limit)
     settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     run["data_kind"] = data_kind
@@ -175,9 +207,12 @@ def _resumed_run(
     run = {**RUN_DEFAULTS, **saved_run, **explicit(args, list(RUN_DEFAULTS))}
     if "data" not in saved_run and args.data is None:
         raise ValueError(f"checkpoint {str(checkpoint)!r} does not record its data; pass --data")
-    config = payload.get("config")
-    if config is None:
+    outer = payload.get("config")
+    if outer is None:
         raise ValueError(f"checkpoint {str(checkpoint)!r} has no model config; resume it from Python")
+    config = outer
+    while config.get("kind") == "transformed" and isinstance(config.get("flow"), dict):
+        config = config["flow"]  # the flow inside its preprocessing
     changes = []
     saved_model = {"model": config.get("kind")}
     if config.get("kind") == "cnf":
@@ -192,23 +227,25 @@ def _resumed_run(
                 f"{name}={saved_model[name]!r}, got {value!r}; start a new run (another --out) instead"
             )
     splits = load_splits(run["data"], run["n_train"], run["seed"])
-    if splits[0].shape[1] != config.get("dim"):
+    saved_shape = event_shape(config.get("dim"))
+    if saved_shape is not None and tuple(splits[0].shape[1:]) != saved_shape:
         raise ValueError(
-            f"cannot resume {str(checkpoint)!r} on --data {run['data']!r}: the run's model is "
-            f"{config.get('dim')}-D, the data has {splits[0].shape[1]} columns"
+            f"cannot resume {str(checkpoint)!r} on --data {run['data']!r}: the run's model takes points of "
+            f"shape {saved_shape}, the data has shape {tuple(splits[0].shape[1:])}"
         )
-    flow = build_flow(config)
-    if isinstance(flow, CNF):
+    flow = build_flow(outer)
+    inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    if isinstance(inner, CNF):
         solver_changes = {k: v for k, v in explicit(args, ["method", "rtol", "atol", "adjoint"]).items()}
         for name in ("divergence", "noise"):
             value = getattr(args, name)
-            if value is not None and value != getattr(flow, name):
-                changes.append(f"{name} {getattr(flow, name)} -> {value}")
-                setattr(flow, name, value)
+            if value is not None and value != getattr(inner, name):
+                changes.append(f"{name} {getattr(inner, name)} -> {value}")
+                setattr(inner, name, value)
         for name, value in solver_changes.items():
-            if value != getattr(flow.solver, name):
-                changes.append(f"{name} {getattr(flow.solver, name)} -> {value}")
-        flow.solver = flow.solver.with_(**solver_changes)
+            if value != getattr(inner.solver, name):
+                changes.append(f"{name} {getattr(inner.solver, name)} -> {value}")
+        inner.solver = inner.solver.with_(**solver_changes)
     saved = TrainSettings.from_dict(payload["settings"])
     given = explicit(args, TRAIN_FLAGS)
     for name, value in given.items():
@@ -265,7 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = timed_nll(flow, test_set)
     summary = {
         "data": run["data"],
-        "model": flow.config().get("kind") if callable(getattr(flow, "config", None)) else None,
+        "model": getattr(flow.flow if isinstance(flow, TransformedFlow) else flow, "kind", None),
         "steps": result.step,
         "train_seconds": round(result.seconds, 2),
         "stopped_by": result.stopped_by,
@@ -281,6 +318,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "threads": result.threads,
         "settings": asdict(settings),
     }
+    if "bits_per_dim" in metrics:
+        summary["test_bits_per_dim"] = metrics["bits_per_dim"]
     true_nll = known_true_nll(run["data"], test_set)
     if true_nll is not None:
         summary.update(true_nll=true_nll, excess_nll=metrics["nll"] - true_nll)
@@ -291,6 +330,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"(stopped by {result.stopped_by})\n"
         f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
         f"on {metrics['n']} points, NFE {metrics['nfe']}"
+        + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
         + (f"; true NLL {true_nll:.4f}, excess {metrics['nll'] - true_nll:.4f}\n" if true_nll else "\n")
         + f"checkpoint: {result.checkpoint}{best}"
     )
@@ -306,10 +346,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
-    if Path(args.data).suffix.lower() in (".npy", ".csv"):
-        data = load_data(args.data)
-    else:
-        data = load_data(args.data, n=args.n, seed=args.seed)
+    data = load_eval_data(args.data, args.n, args.seed)
     metrics = timed_nll(flow, data)
     if args.json:
         print(strict_json(metrics))
@@ -317,6 +354,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(
             f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
+            + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
     return 0
 
@@ -385,10 +423,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
     n = max(args.n, args.n_grad)
-    if Path(args.data).suffix.lower() in (".npy", ".csv"):
-        data = load_data(args.data)[:n]
-    else:
-        data = load_data(args.data, n=n, seed=args.seed)
+    data = load_eval_data(args.data, n, args.seed)[:n]
     result = tuning.tune(
         flow,
         data,
@@ -423,10 +458,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     data = None
     if args.data is not None:
-        if Path(args.data).suffix.lower() in (".npy", ".csv"):
-            data = load_data(args.data)
-        else:
-            data = load_data(args.data, n=args.n, seed=TEST_SEED)
+        data = load_eval_data(args.data, args.n, TEST_SEED)
     planar = None
     if args.planar is not None:
         planar, _ = load_checkpoint(args.planar)
@@ -466,7 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a flow. Flags left out take the recipe of the objective (cnf.recipes) for a new "
         "run, and the run's own settings with --resume.",
     )
-    p.add_argument("--data", default=None, help="dataset name or .npy/.csv file (default moons)")
+    p.add_argument(
+        "--data", default=None, help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)"
+    )
     p.add_argument("--model", choices=("cnf", "planar"), default=None, help="default cnf")
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
@@ -508,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--jacobian-weight", type=float, default=None, help="RNODE Jacobian-norm weight (0.01 in the paper)"
     )
     p.add_argument("--sigma-min", type=float, default=None, help="flow-matching path width at t=1")
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        help="auto (detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
+        f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
+    )
+    p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
+    p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
     p.set_defaults(run=cmd_train)
 
@@ -596,7 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"cnf {args.command}: error: {error.strerror or error}", file=sys.stderr)
         return 2
-    except (ValueError, TypeError, RuntimeError) as error:
+    except (ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"cnf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

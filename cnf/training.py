@@ -37,6 +37,7 @@ from cnf.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from cnf.context import check_context
 from cnf.data import check_batch
 from cnf.ema import ExponentialMovingAverage
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
@@ -178,13 +179,33 @@ class TrainResult:
     threads: int | None = None
 
 
-def evaluate_nll(flow: nn.Module, data: torch.Tensor, batch_size: int = 10_000) -> float:
-    """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients."""
+def evaluate_nll(
+    flow: nn.Module, data: torch.Tensor, batch_size: int = 10_000, context: torch.Tensor | None = None
+) -> float:
+    """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients; with
+    ``context`` (one row per point, or one for all) the conditional NLL, mean of -log p(x | c)."""
     total = 0.0
     with torch.no_grad():
-        for chunk in torch.split(data, batch_size):
-            total += -flow.log_prob(chunk).sum().item()
+        for i, chunk in enumerate(torch.split(data, batch_size)):
+            kwargs = {} if context is None else {"context": _rows(context, i * batch_size, chunk.shape[0])}
+            total += -flow.log_prob(chunk, **kwargs).sum().item()
     return total / data.shape[0]
+
+
+def _rows(context: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """The contexts of rows start..start+count of the data (all of a shared (k,) context)."""
+    return context if context.ndim == 1 or context.shape[0] == 1 else context[start : start + count]
+
+
+def _float_if_dequantized(flow: nn.Module, data: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer data (e.g. uint8 images) as floats of the flow's dtype when the flow dequantises
+    its input (a :class:`cnf.transforms.TransformedFlow`); anything else is left to check_batch."""
+    if not isinstance(data, torch.Tensor) or data.dtype.is_floating_point or data.dtype == torch.bool:
+        return data
+    if getattr(flow, "preprocess", None) is None:
+        return data
+    param = next(flow.parameters(), None)
+    return data.to(param.dtype if param is not None else torch.get_default_dtype())
 
 
 def _use_progress_bar(progress: bool | None) -> bool:
@@ -196,12 +217,13 @@ def _parameter_dtype(flow: nn.Module) -> torch.dtype | None:
     return None if param is None else param.dtype
 
 
-def resolve_threads(threads: int | str | None, dim: int | None) -> int:
+def resolve_threads(threads: int | str | None, dim: int | tuple[int, ...] | None) -> int:
     """The torch thread count for ``threads``: an int, or ``"auto"``/None, which is
     :func:`cnf.recipes.default_threads` capped by the current ``torch.get_num_threads()`` (a
     program that lowered it keeps its choice)."""
     if threads is None or threads == "auto":
-        return min(default_threads(dim or 2), torch.get_num_threads())
+        size = math.prod(event_shape(dim)) if dim is not None else 2
+        return min(default_threads(size), torch.get_num_threads())
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int or 'auto', got {threads!r}")
     return threads
@@ -231,6 +253,13 @@ class _StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def event_shape(dim: Any) -> tuple[int, ...] | None:
+    """A flow's ``dim`` (an int, or a (C, H, W) tuple/list for images) as a shape tuple."""
+    if dim is None:
+        return None
+    return (int(dim),) if isinstance(dim, int) else tuple(int(d) for d in dim)
 
 
 def _existing_run_files(folder: Path) -> list[str]:
@@ -265,9 +294,15 @@ def train(
     threads: int | str | None = "auto",
     overwrite: bool | None = None,
     run_info: dict[str, Any] | None = None,
+    context: torch.Tensor | None = None,
+    val_context: torch.Tensor | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``flow`` on ``data`` (n, dim) by the chosen objective with Adam.
+    """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
+    them (:func:`cnf.images.image_flow`), by the chosen objective with Adam.
+
+    A conditional flow p(x | c) takes ``context`` (n, k) with one row per data point (and
+    ``val_context`` for ``val_data``); each minibatch's rows go to the loss with their points.
 
     Args:
         settings: a :class:`TrainSettings`; keyword ``overrides`` (``iters=``, ``lr=``, ...)
@@ -291,16 +326,21 @@ def train(
         base = TrainSettings.from_dict(payload["settings"]) if payload is not None else TrainSettings()
     settings = TrainSettings(**{**asdict(base), **overrides}) if overrides else base
     dim = getattr(flow, "dim", None)
+    data, val_data = _float_if_dequantized(flow, data), _float_if_dequantized(flow, val_data)
     if payload is not None:
-        saved_dim = (payload.get("config") or {}).get("dim")
-        if saved_dim is not None and data.ndim == 2 and data.shape[1] != saved_dim:
+        saved_dim = event_shape((payload.get("config") or {}).get("dim"))
+        if saved_dim is not None and isinstance(data, torch.Tensor) and tuple(data.shape[1:]) != saved_dim:
             raise ValueError(
-                f"cannot resume {str(resume)!r} on this data: the run was trained on {saved_dim}-D data, "
-                f"the data given has {data.shape[1]} columns"
+                f"cannot resume {str(resume)!r} on this data: the run was trained on data of shape "
+                f"(n, {', '.join(map(str, saved_dim))}), the data given has shape {tuple(data.shape)}"
             )
     check_batch(data, dim, "data")
     if val_data is not None:
         check_batch(val_data, dim, "val_data")
+    context_dim = getattr(flow, "context_dim", None)
+    context = check_context(context, context_dim, data.shape[0], data)
+    if val_data is not None:
+        val_context = check_context(val_context, context_dim, val_data.shape[0], val_data)
     dtype = _parameter_dtype(flow)
     if dtype is not None:  # data follow the flow's dtype (torch.from_numpy gives float64)
         data = data.to(dtype)
@@ -329,7 +369,7 @@ def train(
                     (out_dir / name).unlink()
         return _train_loop(
             flow, data, val_data, settings, out_dir, payload, resume, progress, optimizer, loss_fn,
-            chosen_threads, run_info,
+            chosen_threads, run_info, context, val_context,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -350,6 +390,8 @@ def _train_loop(
     loss_fn: Loss,
     threads: int,
     run_info: dict[str, Any] | None,
+    context: torch.Tensor | None,
+    val_context: torch.Tensor | None,
 ) -> TrainResult:
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     best_path = out_dir / BEST_NAME if out_dir is not None else None
@@ -399,7 +441,7 @@ def _train_loop(
                 settings=asdict(settings),
                 rng=rng_state(),
                 best=best,
-                data={"dim": int(data.shape[1]), "dtype": str(data.dtype).removeprefix("torch.")},
+                data={"shape": list(data.shape[1:]), "dtype": str(data.dtype).removeprefix("torch.")},
                 run=run_info,
                 **extra,
             )
@@ -420,12 +462,14 @@ def _train_loop(
         raise TrainingError(f"{message}; {kept()}") from error
 
     val_subset = val_data[: settings.val_size] if val_data is not None else None
+    if val_context is not None and val_context.shape[0] > 1:
+        val_context = val_context[: settings.val_size]
     val_nll = None
 
     def validate() -> float:
         nonlocal best
         with ema.applied(flow) if ema is not None else nullcontext():
-            value = evaluate_nll(flow, val_subset)
+            value = evaluate_nll(flow, val_subset, context=val_context)
             if math.isfinite(value) and (best is None or value < best["val_nll"]):
                 best = {"step": step, "val_nll": value}
                 if best_path is not None:
@@ -461,10 +505,12 @@ def _train_loop(
                 break
             step_start = time.perf_counter()
             rng_before_step = torch.get_rng_state()  # an abandoned step must not consume randomness
-            batch = data[torch.randint(0, n, (min(settings.batch_size, n),))]
+            rows = torch.randint(0, n, (min(settings.batch_size, n),))
+            batch = data[rows]
+            batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
             optimizer.zero_grad(set_to_none=True)
             try:
-                loss = loss_fn(flow, batch)
+                loss = loss_fn(flow, batch, **batch_context)
                 nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}")

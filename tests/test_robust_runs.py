@@ -57,7 +57,7 @@ def test_resume_without_flags_continues_with_the_runs_own_settings(tmp_path: Pat
     points = tmp_path / "three.npy"
     np.save(points, np.random.default_rng(0).normal(size=(100, 3)))
     assert main(["train", "--resume", str(tmp_path), "--data", str(points), "--iters", "7"]) == 2
-    assert "the run's model is 2-D, the data has 3 columns" in capsys.readouterr().err
+    assert "the run's model takes points of shape (2,), the data has shape (3,)" in capsys.readouterr().err
 
 
 def test_resume_into_a_different_model_names_the_setting(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ def test_resume_into_a_different_model_names_the_setting(tmp_path: Path) -> None
     train(cnf.CNF(cnf.MLPField(2, hidden=(8,))), data, iters=2, out=tmp_path, progress=False)
     with pytest.raises(ValueError, match=r"different model: field.hidden: \[8\] in the checkpoint, \[16\] here"):
         train(cnf.CNF(cnf.MLPField(2, hidden=(16,))), data, resume=tmp_path / "checkpoint.pt", out=tmp_path)
-    with pytest.raises(ValueError, match="trained on 2-D data, the data given has 3 columns"):
+    with pytest.raises(ValueError, match=r"trained on data of shape \(n, 2\), the data given has shape \(50, 3\)"):
         train(cnf.CNF(cnf.MLPField(3)), torch.randn(50, 3), resume=tmp_path / "checkpoint.pt")
 
 
