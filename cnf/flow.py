@@ -208,6 +208,7 @@ class CNF(nn.Module):
             raise ValueError(f"dim must be a positive int (or field.dim must exist), got {dim!r}")
         self.field = field
         self.dim = dim
+        self.event_shape = dim if isinstance(dim, tuple) else (dim,)
         self.context_dim = context_dim_of(field)
         self.base = check_base(base, dim)
         self.divergence = divergence
@@ -387,7 +388,7 @@ class CNF(nn.Module):
         """``n`` samples of p1, shape (n, dim); with c of shape (B, k), (n, B, dim): n samples of
         each p(x | c_b), all from one batched solve."""
         z, context, shape = self._conditional_base_sample(n, generator, context)
-        return self.inverse(z, context=context).reshape(*shape, self.dim)
+        return self.inverse(z, context=context).reshape(*shape, *self.event_shape)
 
     def sample_and_log_prob(
         self, n: int, *, generator: torch.Generator | None = None, context: torch.Tensor | None = None
@@ -396,7 +397,7 @@ class CNF(nn.Module):
         shapes (n, dim) and (n,), or (n, B, dim) and (n, B) for a context of shape (B, k)."""
         z, context, shape = self._conditional_base_sample(n, generator, context)
         x, log_prob = self.inverse_and_log_prob(z, generator=generator, context=context)
-        return x.reshape(*shape, self.dim), log_prob.reshape(shape)
+        return x.reshape(*shape, *self.event_shape), log_prob.reshape(shape)
 
     def _conditional_base_sample(
         self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
