@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cnf.context import check_context
 from cnf.data import check_batch
-from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
+from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, kl_warmup_weight, make_objective
 from cnf.solver import SolverError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -41,7 +41,9 @@ class TrainSettings:
     ``objective`` is ``likelihood`` (maximum likelihood; with ``kinetic_weight`` /
     ``jacobian_weight`` > 0 it is RNODE, Finlay et al. 2020), ``flow_matching`` or
     ``ot_flow_matching`` (no ODE solve per step; ``sigma_min`` of the path), see
-    :mod:`cnf.losses`.
+    :mod:`cnf.losses`. ``elbo`` trains a :class:`cnf.vae.VAE` on dynamically binarised images,
+    the KL term's weight rising linearly to 1 over ``kl_warmup`` steps. ``patience``: stop after
+    that many validations without improvement and keep the best weights (early stopping).
     """
 
     iters: int = 1000
@@ -59,8 +61,11 @@ class TrainSettings:
     val_size: int = 2000
     checkpoint_every: int = 100
     seed: int = 0
+    kl_warmup: int = 0
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_vae_options()
         for name in ("iters", "batch_size", "val_every", "val_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,6 +81,20 @@ class TrainSettings:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tuple(OBJECTIVES)}")
         self.loss_function()  # checks the objective's options
+
+    def _check_vae_options(self) -> None:
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be a non-negative int (steps), got {self.kl_warmup!r}")
+        if self.kl_warmup and self.objective != "elbo":
+            raise ValueError(f"kl_warmup={self.kl_warmup!r} applies only to objective='elbo', got {self.objective!r}")
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1
+        ):
+            raise ValueError(f"patience must be a positive int (validations) or None, got {self.patience!r}")
+
+    def loss_kwargs(self, step: int) -> dict[str, Any]:
+        """Step-dependent options of the loss: the KL warm-up weight of the ``elbo`` objective."""
+        return {"kl_weight": kl_warmup_weight(step, self.kl_warmup)} if self.objective == "elbo" else {}
 
     def learning_rate(self, step: int, elapsed: float) -> float:
         """The learning rate at ``step`` after ``elapsed`` seconds.
@@ -227,6 +246,7 @@ def train(
     start = time.perf_counter() - elapsed
     stopped_by = "iters"
     val_nll = None
+    early_stopping = EarlyStopping(settings.patience)
     flow.train()
     while step < settings.iters:
         if settings.time_limit is not None and time.perf_counter() - start >= settings.time_limit:
@@ -237,7 +257,7 @@ def train(
         batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
         optimizer.zero_grad(set_to_none=True)
         try:
-            loss = loss_fn(flow, batch, **batch_context)
+            loss = loss_fn(flow, batch, **batch_context, **settings.loss_kwargs(step))
             nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
@@ -279,6 +299,8 @@ def train(
             record["val_nfe"] = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
             flow.train()
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_nll:.3f}")
+            if early_stopping.should_stop(val_nll, flow, step):
+                stopped_by = "early_stopping"
         else:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append(record)
@@ -286,6 +308,9 @@ def train(
             with log_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
         bar.update(1)
+        if stopped_by == "early_stopping":  # the best weights are checkpointed below
+            val_nll = early_stopping.restore(flow)
+            break
         if step % settings.checkpoint_every == 0:
             checkpoint()
     bar.close()
@@ -299,3 +324,32 @@ def train(
     flow.eval()
     checkpoint()
     return TrainResult(step, elapsed, val_nll, stopped_by, checkpoint_path, history)
+
+
+class EarlyStopping:
+    """Stop after ``patience`` validations in a row without a new best validation NLL (None:
+    never), then restore the best weights (kept in memory; a resumed run starts counting afresh).
+    For a VAE the validation NLL is minus its bound (:meth:`cnf.vae.VAE.log_prob`)."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+
+    def should_stop(self, val_nll: float, flow: nn.Module, step: int) -> bool:
+        if self.patience is None:
+            return False
+        if self.best is None or val_nll < self.best:
+            self.best, self.best_step, self.stale = val_nll, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, flow: nn.Module) -> float | None:
+        """Load the best weights into ``flow``; return their validation NLL."""
+        if self.best_state is not None:
+            flow.load_state_dict(self.best_state)
+        return self.best
