@@ -28,6 +28,7 @@ from cnf.planar import PlanarFlow
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
 from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.vae.posteriors import POSTERIORS
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
@@ -93,6 +94,8 @@ def preprocessed(args: argparse.Namespace, flow: torch.nn.Module, train_set: tor
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.model == "vae":
+        return cmd_train_vae(args)
     train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
     torch.manual_seed(args.seed)
     flow = preprocessed(args, build_model(args, train_set.shape[1]), train_set)
@@ -144,8 +147,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    """``cnf train --model vae --posterior gaussian|planar|cnf|iaf --data digits|fashion-mnist``."""
+    from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
+    from cnf.vae import VAE
+    from cnf.vae.evaluate import evaluate_vae
+
+    if args.data not in BINARIZED_DATASETS:
+        raise ValueError(f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {args.data!r}")
+    data = load_binarized(args.data, seed=args.seed)
+    torch.manual_seed(args.seed)
+    solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
+    vae = VAE(data.train.shape[1], args.latent_dim, args.posterior, hidden=tuple(args.hidden),
+              flow_hidden=tuple(args.flow_hidden), layers=args.layers, solver=solver)  # fmt: skip
+    settings = TrainSettings(
+        iters=args.iters, batch_size=args.batch_size, lr=args.lr, time_limit=args.time_limit, seed=args.seed,
+        val_every=args.val_every, objective="elbo", kl_warmup=args.kl_warmup, patience=args.patience,
+        lr_schedule=args.lr_schedule,
+    )  # fmt: skip
+    out = Path(args.out)
+    result = train(vae, data.train, data.val, settings=settings, out=out, resume=args.resume)
+    metrics = evaluate_vae(vae, data.test, k=args.iwae_samples, seed=args.seed)
+    summary = {"data": args.data, "model": "vae", "posterior": args.posterior, "latent_dim": args.latent_dim,
+               "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
+               **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint)}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(
+        f"trained a VAE ({args.posterior} posterior, {args.latent_dim}-D latent) on {args.data}: {result.step} "
+        f"steps in {result.seconds:.1f} s (stopped by {result.stopped_by})\n"
+        f"test ELBO {metrics['elbo']:.3f} +- {metrics['elbo_two_se']:.3f}, importance-weighted log-likelihood "
+        f"(k={metrics['k']}) {metrics['iwae']:.3f} +- {metrics['iwae_two_se']:.3f}, KL(q||p(z)) "
+        f"{metrics['kl_prior']:.3f} nats/image on {metrics['n']} test images\ncheckpoint: {result.checkpoint}"
+    )
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint)
+    if getattr(flow, "kind", None) == "vae":
+        return evaluate_vae_checkpoint(flow, args)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
@@ -158,6 +198,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
             + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
+    return 0
+
+
+def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> int:
+    """A VAE's test ELBO, importance-weighted log-likelihood (k = 1000) and KL on the fixed
+    binarisation of the named data set's test images."""
+    from cnf.data.binarized import load_binarized
+    from cnf.vae.evaluate import evaluate_vae
+
+    metrics = evaluate_vae(vae, load_binarized(args.data).test[: args.n], k=1000)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        print(f"test ELBO: {metrics['elbo']:.4f}  IWAE (k=1000): {metrics['iwae']:.4f}  KL(q||p(z)): "
+              f"{metrics['kl_prior']:.4f} nats  n: {metrics['n']}  seconds: {metrics['seconds']:.1f}")  # fmt: skip
     return 0
 
 
@@ -263,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="moons",
         help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)",
     )
-    p.add_argument("--model", choices=("cnf", "planar"), default="cnf")
+    p.add_argument("--model", choices=("cnf", "planar", "vae"), default="cnf")
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--time-limit", type=positive_float, default=90.0, help="wall-clock limit in seconds")
     p.add_argument("--out", default="runs/default", help="output folder for checkpoint and log")
@@ -310,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised)")
+    vae.add_argument("--posterior", choices=POSTERIORS, default="gaussian", help="q(z|x) family")
+    vae.add_argument("--latent-dim", type=int, default=8)
+    vae.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64], help="posterior flow widths")
+    vae.add_argument("--kl-warmup", type=int, default=0, help="steps of linear KL warm-up")
+    vae.add_argument("--patience", type=int, default=None, help="early stopping: validations without gain")
+    vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")

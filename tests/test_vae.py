@@ -3,6 +3,7 @@ the amortised flows against autograd, gradients, data, training hooks and bad in
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -262,3 +263,20 @@ def test_bad_input_names_the_argument() -> None:
         TrainSettings(patience=0)
     with pytest.raises(TypeError, match="needs a model with elbo"):
         elbo_loss(nn.Linear(4, 4), torch.zeros(2, 4))
+
+
+def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
+    from cnf.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "vae", "--posterior", "cnf", "--data", "digits", "--iters", "3", "--batch-size", "32",
+            "--hidden", "16", "--flow-hidden", "8", "--latent-dim", "2", "--kl-warmup", "2", "--rtol", "1e-3",
+            "--atol", "1e-3", "--iwae-samples", "4", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["posterior"] == "cnf" and summary["steps"] == 3 and summary["test_k"] == 4
+    assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--n", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
+    assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
+    assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
