@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import conditional, discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+from benchmarks import conditional, discrete_vs_continuous, divergence_forms, peers, scaling, train_toy, vae
 
 BENCHMARKS = {
     "conditional": conditional.main,
@@ -21,6 +21,7 @@ BENCHMARKS = {
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
     "scaling": scaling.main,
+    "vae": vae.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -42,6 +43,11 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["true_nll"] is not None and r["two_se"] > 0 for r in rows if "excess_nll" in r)
         assert any(r["model"] == "unconditional" for r in payload["sampling"])
         assert all(r["ratio"] > 0 for r in payload["sampling"] if r["model"] == "cnf-ml")
+    if name == "vae":
+        rows = payload["rows"]
+        assert [r["posterior"] for r in rows] == ["gaussian", "planar", "iaf", "cnf"]
+        assert all(r["iwae"] >= r["elbo"] - 1.0 and r["k"] == 5 and r["iwae_two_se"] > 0 for r in rows)
+        assert rows[0]["iwae_vs_gaussian"] == 0.0 and payload["k"] == 5
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":

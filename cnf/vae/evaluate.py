@@ -38,9 +38,11 @@ def evaluate_vae(
     batch_size: int = 100,
     chunk: int = 100,
     seed: int = 0,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """ELBO, IWAE_k, KL(q || prior) and their gap on binary ``data`` (n, D), each as mean and
-    ``two_se``, plus ``k``, ``n`` and the evaluation ``seconds``; without gradients, seeded."""
+    ``two_se``, plus ``k``, ``n`` and the evaluation ``seconds``; without gradients, seeded.
+    ``per_image=True`` adds the per-image tensors under ``"values"`` (for paired comparisons)."""
     start = time.perf_counter()
     elbo, iwae, kl = [], [], []
     was_training = vae.training
@@ -59,4 +61,6 @@ def evaluate_vae(
     for name, value in values.items():
         metrics[name], metrics[f"{name}_two_se"] = mean_and_two_se(value)
     metrics["seconds"] = time.perf_counter() - start
+    if per_image:
+        metrics["values"] = values
     return metrics
