@@ -7,8 +7,9 @@
 Every posterior (diagonal Gaussian; amortised planar K=16; IAF from zuko, 4 MADE transforms;
 amortised CNF, the conditional MLPField 64x64 softplus, dopri5) gets the same encoder and decoder
 (ELU MLPs, identical initial weights: the same seed builds them before the posterior), the same
-data, the same wall-clock training budget (``--budget`` seconds; Adam, cosine decay over the
-budget, KL warm-up over ``--kl-warmup`` steps, early stopping on the validation ELBO) and the same
+data, the same training budget (``--budget`` wall-clock seconds, or ``--iters`` steps capped by
+``--budget``; Adam, cosine decay over the budget, KL warm-up over ``--kl-warmup`` steps, early
+stopping on the validation ELBO, the best weights kept) and the same
 test images (fixed binarisation, :mod:`cnf.data.binarized`). Reported per test image, mean +- 2
 standard errors: ELBO, the importance-weighted log-likelihood IWAE_k (k = ``--k``), KL(q(z|x) ||
 p(z)) and the gap IWAE_k - ELBO (an under-estimate of KL(q(z|x) || p(z|x))); ``iwae_vs_gaussian``
@@ -58,7 +59,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         vae = build(posterior, data.train.shape[1], args)
         result = train(
-            vae, data.train, data.val, objective="elbo", iters=10**9, time_limit=args.budget, lr=args.lr,
+            vae, data.train, data.val, objective="elbo", iters=args.iters, time_limit=args.budget, lr=args.lr,
             lr_schedule="cosine", batch_size=args.batch_size, kl_warmup=args.kl_warmup, val_every=args.val_every,
             val_size=args.val_size, patience=args.patience, seed=args.seed, progress=False,
         )  # fmt: skip
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--datasets", nargs="+", default=["digits"], choices=BINARIZED_DATASETS)
     parser.add_argument("--posteriors", nargs="+", default=["gaussian", "planar", "iaf", "cnf"], choices=POSTERIORS)
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per posterior and data set")
+    parser.add_argument("--iters", type=int, default=10**9, help="training steps per posterior (--budget caps)")
     parser.add_argument("--n-train", type=int, default=None, help="training images kept (default all)")
     parser.add_argument("--n-test", type=int, default=None, help="test images scored (default all)")
     parser.add_argument("--k", type=int, default=1000, help="samples of the importance-weighted bound")
@@ -120,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta = {
         "command": "python -m benchmarks.vae " + " ".join(sys.argv[1:] if argv is None else argv),
         "budget_seconds": args.budget,
+        "iters": args.iters,
         "k": args.k,
         "latent_dim": args.latent_dim,
         "hidden": args.hidden,
