@@ -12,7 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import conditional, discrete_vs_continuous, divergence_forms, peers, scaling, train_toy, vae
+from benchmarks import (
+    checkpoint_cost,
+    conditional,
+    discrete_vs_continuous,
+    divergence_forms,
+    peers,
+    real_data,
+    scaling,
+    threads,
+    train_toy,
+    vae,
+)
 
 BENCHMARKS = {
     "conditional": conditional.main,
@@ -20,7 +31,10 @@ BENCHMARKS = {
     "divergence_forms": divergence_forms.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
+    "real_data": real_data.main,
     "scaling": scaling.main,
+    "threads": threads.main,
+    "checkpoint_cost": checkpoint_cost.main,
     "vae": vae.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
@@ -53,6 +67,12 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "real_data":
+        models = {r["model"]: r for r in payload["rows"]}
+        assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
+        assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
+        assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
+        assert (tmp_path / "real_data.png").stat().st_size > 0
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}

@@ -77,6 +77,15 @@ def test_anomaly_detection_quick(tmp_path: Path) -> None:
     assert_pictures(tmp_path, ["score_map.png"])
 
 
+def test_digits_quick(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    metrics = load_example("digits").main(["--quick", "--out", str(tmp_path)])
+    assert math.isfinite(metrics["test_nll"]) and metrics["test_bits_per_dim"] > 0
+    assert 0.0 <= metrics["roc_auc_rotated"] <= 1.0 and 0.0 <= metrics["roc_auc_noisy"] <= 1.0
+    assert metrics["median_nn_distance_samples"] > 0
+    assert_pictures(tmp_path, ["digits_samples.png", "digits_anomaly.png"])
+
+
 def test_make_gallery_quick(tmp_path: Path) -> None:
     paths = load_example("make_gallery").main(["--quick", "--out", str(tmp_path)])
     assert [p.name for p in paths] == ["probability_path.png", "trajectories.png", "planar_vs_cnf.png"]

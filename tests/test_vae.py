@@ -241,7 +241,7 @@ def test_kl_warmup_and_early_stopping_rules() -> None:
     assert TrainSettings().loss_kwargs(4) == {}
     model = nn.Linear(1, 1)
     stopper = EarlyStopping(2)
-    assert [stopper.should_stop(v, model, s) for s, v in enumerate([3.0, 2.0, 2.5, 1.9, 2.0, 2.1])] == [
+    assert [stopper.should_stop(v, model.state_dict(), s) for s, v in enumerate([3.0, 2.0, 2.5, 1.9, 2.0, 2.1])] == [
         False, False, False, False, False, True,
     ]  # fmt: skip
     assert stopper.best == 1.9 and stopper.best_step == 3
