@@ -232,6 +232,12 @@ def test_elbo_training_checkpoints_resumes_and_stops_early(tmp_path) -> None:
     stop = train(vae, data.train, data.val, settings=settings, progress=False, iters=50, val_every=1, lr=1e-12,
                  patience=2)  # fmt: skip
     assert stop.stopped_by == "early_stopping" and stop.step < 50
+    # with an EMA of the weights the averaged weights are validated, kept and returned
+    ema_stop = train(vae, data.train, data.val, settings=settings, progress=False, iters=50, val_every=1, lr=1e-12,
+                     patience=2, ema_decay=0.5)  # fmt: skip
+    for run in (stop, ema_stop):  # the result reports the best validation, whose weights were kept
+        assert run.stopped_by == "early_stopping"
+        assert run.val_nll == min(r["val_nll"] for r in run.history if "val_nll" in r)
 
 
 def test_kl_warmup_and_early_stopping_rules() -> None:
@@ -276,6 +282,10 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["posterior"] == "cnf" and summary["steps"] == 3 and summary["test_k"] == 4
     assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
+    resumed = ["train", "--resume", str(out / "checkpoint.pt"), "--iters", "5", "--iwae-samples", "4"]
+    assert main(resumed) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["posterior"] == "cnf" and summary["settings"]["kl_warmup"] == 2
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--n", "20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
     assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
