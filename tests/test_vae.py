@@ -256,6 +256,8 @@ def test_kl_warmup_and_early_stopping_rules() -> None:
 def test_bad_input_names_the_argument() -> None:
     with pytest.raises(ValueError, match="unknown posterior 'sylvester'"):
         VAE(4, 2, "sylvester")
+    with pytest.raises(ValueError, match="posterior has latent_dim=3, the VAE latent_dim=2"):
+        VAE(4, 2, Posterior(3, 4, "planar"))
     vae = VAE(4, 2, hidden=(4,))
     with pytest.raises(ValueError, match="k must be a positive int, got 0"):
         vae.iwae_bound(torch.zeros(3, 4), 0)

@@ -125,6 +125,10 @@ class VAE(nn.Module):
             decoder if decoder is not None else BernoulliDecoder(data_dim, latent_dim, self.hidden[::-1])
         )
         if isinstance(posterior, Posterior):
+            if posterior.latent_dim != latent_dim:
+                raise ValueError(
+                    f"posterior has latent_dim={posterior.latent_dim}, the VAE latent_dim={latent_dim}; they must match"
+                )
             self.posterior = posterior
         elif isinstance(posterior, str) and posterior in POSTERIORS:
             context_dim = getattr(self.encoder, "context_dim", None)
