@@ -80,6 +80,10 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
         if config.get("flow") is None:
             raise ValueError("this checkpoint's preprocessed flow wraps a custom flow; pass flow= to restore into")
         return TransformedFlow(build_flow(config["flow"]), build_transform(config["preprocess"]))
+    if kind == "vae":
+        from cnf.vae import VAE
+
+        return VAE.from_config(config)
     if kind == "planar":
         from cnf.planar import PlanarFlow
 

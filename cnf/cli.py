@@ -41,6 +41,7 @@ from cnf.training import (
     train,
 )
 from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.vae.posteriors import POSTERIORS
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
@@ -257,6 +258,8 @@ def _resumed_run(
 
 def cmd_train(args: argparse.Namespace) -> int:
     resume = _resume_path(args.resume) if args.resume is not None else None
+    if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
+        return cmd_train_vae(args, resume)
     if resume is not None:
         run, flow, settings, splits, changes = _resumed_run(args, resume)
         out = Path(args.out) if args.out is not None else resume.parent
@@ -342,8 +345,80 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+VAE_DEFAULTS: dict[str, Any] = {"posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64]}
+
+
+def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
+    """``cnf train --model vae --posterior gaussian|planar|cnf|iaf --data digits|fashion-mnist``:
+    the recipe of the ``elbo`` objective, flags given override it; ``--resume`` continues a run."""
+    from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
+    from cnf.vae import VAE
+    from cnf.vae.evaluate import evaluate_vae
+
+    given = explicit(args, [*TRAIN_FLAGS, "kl_warmup", "patience"])
+    if given.get("objective", "elbo") != "elbo":
+        raise ValueError(f"--model vae trains by the elbo objective, got --objective {given['objective']!r}")
+    if resume is not None:
+        payload = read_checkpoint(resume)
+        run = {**(payload.get("run") or {}), **explicit(args, ["data", "seed"])}
+        vae = build_flow(payload["config"])
+        settings = TrainSettings(**{**asdict(TrainSettings.from_dict(payload["settings"])), **given})
+        out = Path(args.out) if args.out is not None else resume.parent
+    else:
+        run = {"data": args.data, "seed": 0 if args.seed is None else args.seed}
+        run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in VAE_DEFAULTS.items()})
+        out = Path(args.out) if args.out is not None else Path("runs/default")
+    if run.get("data") not in BINARIZED_DATASETS:
+        raise ValueError(
+            f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {run.get('data')!r}"
+        )
+    data = load_binarized(run["data"], seed=run["seed"])
+    if resume is None:
+        torch.manual_seed(run["seed"])
+        solver = Solver(method=args.method or "dopri5", rtol=args.rtol or 1e-5, atol=args.atol or 1e-5,
+                        adjoint=bool(args.adjoint))  # fmt: skip
+        layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
+        vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
+                  flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver)  # fmt: skip
+        time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
+        settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
+    result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
+                   overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
+    metrics = evaluate_vae(vae, data.test, k=args.iwae_samples, seed=run["seed"])
+    summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
+               "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
+               **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint),
+               "settings": asdict(settings)}  # fmt: skip
+    atomic_write_text(out / SUMMARY_NAME, strict_json(summary, indent=2))
+    print(
+        f"trained a VAE ({summary['posterior']} posterior, {vae.latent_dim}-D latent) on {run['data']}: "
+        f"{result.step} steps in {result.seconds:.1f} s (stopped by {result.stopped_by})\n"
+        f"test ELBO {metrics['elbo']:.3f} +- {metrics['elbo_two_se']:.3f}, importance-weighted log-likelihood "
+        f"(k={metrics['k']}) {metrics['iwae']:.3f} +- {metrics['iwae_two_se']:.3f}, KL(q||p(z)) "
+        f"{metrics['kl_prior']:.3f} nats/image on {metrics['n']} test images\ncheckpoint: {result.checkpoint}"
+    )
+    return 0
+
+
+def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> int:
+    """A VAE's test ELBO, importance-weighted log-likelihood (k = 1000) and KL on the fixed
+    binarisation of the named data set's test images."""
+    from cnf.data.binarized import load_binarized
+    from cnf.vae.evaluate import evaluate_vae
+
+    metrics = evaluate_vae(vae, load_binarized(args.data).test[: args.n], k=1000)
+    if args.json:
+        print(strict_json(metrics))
+    else:
+        print(f"test ELBO: {metrics['elbo']:.4f}  IWAE (k=1000): {metrics['iwae']:.4f}  KL(q||p(z)): "
+              f"{metrics['kl_prior']:.4f} nats  n: {metrics['n']}  seconds: {metrics['seconds']:.1f}")  # fmt: skip
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint)
+    if getattr(flow, "kind", None) == "vae":
+        return evaluate_vae_checkpoint(flow, args)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
@@ -501,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default=None, help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)"
     )
-    p.add_argument("--model", choices=("cnf", "planar"), default=None, help="default cnf")
+    p.add_argument("--model", choices=("cnf", "planar", "vae"), default=None, help="default cnf")
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
         "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"
@@ -551,6 +626,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
+    vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
+    vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
+    vae.add_argument("--flow-hidden", type=int, nargs="+", default=None, help="posterior flow widths (64 64)")
+    vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
+    vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
+    vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")

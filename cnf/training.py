@@ -40,7 +40,7 @@ from cnf.checkpoint import (
 from cnf.context import check_context
 from cnf.data import check_batch
 from cnf.ema import ExponentialMovingAverage
-from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
+from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, kl_warmup_weight, make_objective
 from cnf.outputs import (
     RunLock,
     append_line,
@@ -80,7 +80,10 @@ class TrainSettings:
     :mod:`cnf.losses`. ``iters=None`` means no step cap (then ``time_limit`` is required).
     ``ema_decay`` keeps an exponential moving average of the weights, which is validated,
     checkpointed and left in the flow at the end. :func:`cnf.recipes.recipe` gives the
-    recommended values per objective.
+    recommended values per objective. ``elbo`` trains a :class:`cnf.vae.VAE` on dynamically
+    binarised images, the KL term's weight rising linearly to 1 over ``kl_warmup`` steps.
+    ``patience``: stop after that many validations without improvement and keep the best weights
+    (early stopping).
     """
 
     iters: int | None = 1000
@@ -99,8 +102,11 @@ class TrainSettings:
     checkpoint_every: int = 100
     ema_decay: float | None = None
     seed: int = 0
+    kl_warmup: int = 0
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_vae_options()
         for name in ("batch_size", "val_every", "val_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,6 +131,20 @@ class TrainSettings:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; choose one of {tuple(OBJECTIVES)}")
         self.loss_function()  # checks the objective's options
+
+    def _check_vae_options(self) -> None:
+        if isinstance(self.kl_warmup, bool) or not isinstance(self.kl_warmup, int) or self.kl_warmup < 0:
+            raise ValueError(f"kl_warmup must be a non-negative int (steps), got {self.kl_warmup!r}")
+        if self.kl_warmup and self.objective != "elbo":
+            raise ValueError(f"kl_warmup={self.kl_warmup!r} applies only to objective='elbo', got {self.objective!r}")
+        if self.patience is not None and (
+            isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1
+        ):
+            raise ValueError(f"patience must be a positive int (validations) or None, got {self.patience!r}")
+
+    def loss_kwargs(self, step: int) -> dict[str, Any]:
+        """Step-dependent options of the loss: the KL warm-up weight of the ``elbo`` objective."""
+        return {"kl_weight": kl_warmup_weight(step, self.kl_warmup)} if self.objective == "elbo" else {}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainSettings:
@@ -482,6 +502,7 @@ def _train_loop(
     start = time.perf_counter() - elapsed
     deadline = start + settings.time_limit if settings.time_limit is not None else math.inf
     stopped_by = "iters"
+    early_stopping = EarlyStopping(settings.patience)
     durations: deque[float] = deque(maxlen=50)
     stop = _StopRequest()
 
@@ -510,7 +531,7 @@ def _train_loop(
             batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
             optimizer.zero_grad(set_to_none=True)
             try:
-                loss = loss_fn(flow, batch, **batch_context)
+                loss = loss_fn(flow, batch, **batch_context, **settings.loss_kwargs(step))
                 nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
@@ -564,6 +585,8 @@ def _train_loop(
                     record["val_nll"] = val_nll
                     record["val_nfe"] = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
                     bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_nll:.3f}")
+                    if early_stopping.should_stop(val_nll, ema.shadow if ema is not None else flow.state_dict(), step):
+                        stopped_by = "early_stopping"
                 except SolveInterrupted:
                     flow.train()
             else:
@@ -572,6 +595,9 @@ def _train_loop(
             if log_path is not None:
                 append_line(log_path, strict_json(record))
             bar.update(1)
+            if stopped_by == "early_stopping":  # the best weights are checkpointed below
+                val_nll = early_stopping.restore(flow, ema)
+                break
             if step % settings.checkpoint_every == 0:
                 checkpoint()
         bar.close()
@@ -619,3 +645,37 @@ def _train_loop(
         best_checkpoint=best_path if has_best else None,
         threads=threads,
     )
+
+
+class EarlyStopping:
+    """Stop after ``patience`` validations in a row without a new best validation NLL (None:
+    never), then restore the best weights (kept in memory; a resumed run starts counting afresh).
+    For a VAE the validation NLL is minus its bound (:meth:`cnf.vae.VAE.log_prob`)."""
+
+    def __init__(self, patience: int | None) -> None:
+        self.patience = patience
+        self.best: float | None = None
+        self.best_step = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.stale = 0
+
+    def should_stop(self, val_nll: float, weights: dict[str, torch.Tensor], step: int) -> bool:
+        """Record a validation of ``weights`` (the validated state dict); True when it is time to stop."""
+        if self.patience is None:
+            return False
+        if self.best is None or val_nll < self.best:
+            self.best, self.best_step, self.stale = val_nll, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in weights.items()}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+    def restore(self, flow: nn.Module, ema: ExponentialMovingAverage | None = None) -> float | None:
+        """Put the best weights into ``flow`` (or into the EMA, whose weights are the result);
+        return their validation NLL."""
+        if self.best_state is not None:
+            if ema is not None:
+                ema.shadow = {k: v.clone() for k, v in self.best_state.items()}
+            else:
+                flow.load_state_dict(self.best_state)
+        return self.best

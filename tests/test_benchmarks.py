@@ -22,6 +22,7 @@ from benchmarks import (
     scaling,
     threads,
     train_toy,
+    vae,
 )
 
 BENCHMARKS = {
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "scaling": scaling.main,
     "threads": threads.main,
     "checkpoint_cost": checkpoint_cost.main,
+    "vae": vae.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -55,6 +57,11 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["true_nll"] is not None and r["two_se"] > 0 for r in rows if "excess_nll" in r)
         assert any(r["model"] == "unconditional" for r in payload["sampling"])
         assert all(r["ratio"] > 0 for r in payload["sampling"] if r["model"] == "cnf-ml")
+    if name == "vae":
+        rows = payload["rows"]
+        assert [r["posterior"] for r in rows] == ["gaussian", "planar", "iaf", "cnf"]
+        assert all(r["iwae"] >= r["elbo"] - 1.0 and r["k"] == 5 and r["iwae_two_se"] > 0 for r in rows)
+        assert rows[0]["iwae_vs_gaussian"] == 0.0 and payload["k"] == 5
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":
