@@ -263,11 +263,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume is not None:
         run, flow, settings, splits, changes = _resumed_run(args, resume)
         out = Path(args.out) if args.out is not None else resume.parent
-        step = read_checkpoint(resume)["step"]
+        saved = read_checkpoint(resume)
+        step = saved["step"]
         print(
             f"resuming {resume} at step {step} with the run's own model, solver and settings; "
             + ("changed: " + ", ".join(changes) if changes else "nothing changed")
         )
+        if settings.time_limit is not None and saved.get("seconds", 0.0) >= settings.time_limit:
+            print(
+                f"note: the run has used its whole time limit ({settings.time_limit:g} s, counted over the "
+                "whole run); pass a larger --time-limit to train further"
+            )
+        if settings.iters is not None and step >= settings.iters:
+            print(f"note: the run has reached its step cap ({settings.iters}); pass a larger --iters to train further")
     else:
         run, flow, settings, splits = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
