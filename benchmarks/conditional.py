@@ -45,7 +45,17 @@ from cnf.data.conditional import (
 from cnf.training import train
 
 TEST_SEED = 2024
-COLUMNS = ("task", "model", "recipe", "excess_nll", "two_se", "test_nll", "true_nll", "steps", "train_seconds")
+COLUMNS = (
+    "task",
+    "model",
+    "recipe",
+    "excess_nll",
+    "two_se",
+    "test_nll",
+    "true_nll",
+    "steps",
+    "train_seconds",
+)
 SAMPLING_COLUMNS = ("task", "model", "what", "seconds", "nfe", "ratio")
 MODELS = ("cnf-ml", "cnf-fm", "zuko-nsf", "zuko-maf", "zuko-cnf")
 
@@ -198,8 +208,12 @@ def zuko_available() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(CONDITIONAL_DATASETS), choices=CONDITIONAL_DATASETS)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(CONDITIONAL_DATASETS), choices=CONDITIONAL_DATASETS
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model and task")
     parser.add_argument("--n-train", type=int, default=50_000)

@@ -2,6 +2,11 @@
 
 cnf train --data moons --model cnf --out runs/moons
 cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
+
+Conditional flows p(x | c) from a table: ``cnf train --data table.npy --context-columns 2 3``
+takes columns 2 and 3 as c (standardised; the statistics are buffers of the checkpoint),
+``cnf evaluate`` reports the conditional NLL, ``cnf sample --context "0.3,1.2"`` (or
+``--context-file contexts.npy`` with one context per row) draws from p(x | c).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import torch
 
 from cnf import __version__, tuning
 from cnf.checkpoint import load_checkpoint
+from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES
-from cnf.planar import PlanarFlow
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
 
@@ -31,12 +37,30 @@ TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
 
 
-def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, dim: int, context_dim: int | None = None) -> torch.nn.Module:
     if args.model == "planar":
-        return PlanarFlow(dim, args.layers)
+        return PlanarFlow(dim, args.layers) if context_dim is None else ConditionalPlanarFlow(dim, args.layers, context_dim)
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
-    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation)
+    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation, context_dim=context_dim)
     return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
+
+
+def context_split(
+    sets: Sequence[torch.Tensor], columns: Sequence[int] | None, source: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each table's (x, c) for ``--context-columns`` (c None without them)."""
+    if not columns:
+        return list(sets), [None] * len(sets)
+    if Path(source).suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--context-columns needs a .npy/.csv table as --data, got {source!r}")
+    pairs = [split_context_columns(s, columns) for s in sets]
+    return [x for x, _ in pairs], [c for _, c in pairs]
+
+
+def fit_context_standardization(flow: torch.nn.Module, contexts: torch.Tensor) -> None:
+    for module in flow.modules():
+        if isinstance(module, ContextStandardization):
+            module.fit(contexts.to(module.mean))
 
 
 def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,11 +73,11 @@ def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, tor
     return train_set, val_set, test_set
 
 
-def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
-    """Test NLL in nats, NFE of the scoring solve and seconds, all from one pass."""
+def timed_nll(flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None) -> dict[str, Any]:
+    """Test NLL in nats (conditional with a context), NFE of the scoring solve and seconds."""
     start = time.perf_counter()
     with torch.no_grad():
-        log_prob = flow.log_prob(data)
+        log_prob = flow.log_prob(data) if context is None else flow.log_prob(data, context=context)
     seconds = time.perf_counter() - start
     return {
         "nll": -log_prob.mean().item(),
@@ -64,9 +88,15 @@ def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
+    tables = load_splits(args.data, args.n_train, args.seed)
+    (train_set, val_set, test_set), (train_c, val_c, test_c) = context_split(
+        tables, args.context_columns, args.data
+    )
     torch.manual_seed(args.seed)
-    flow = build_model(args, train_set.shape[1])
+    flow = build_model(args, train_set.shape[1], None if train_c is None else train_c.shape[1])
+    if train_c is not None:
+        fit_context_standardization(flow, train_c)
+        flow.context_columns = list(args.context_columns)
     settings = TrainSettings(
         iters=args.iters,
         batch_size=args.batch_size,
@@ -81,8 +111,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
     )
     out = Path(args.out)
-    result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
-    metrics = timed_nll(flow, test_set)
+    result = train(
+        flow, train_set, val_set, settings=settings, out=out, resume=args.resume, context=train_c,
+        val_context=val_c,
+    )  # fmt: skip
+    metrics = timed_nll(flow, test_set, test_c)
     summary = {
         "data": args.data,
         "model": args.model,
@@ -119,12 +152,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data = load_data(args.data)
     else:
         data = load_data(args.data, n=args.n, seed=args.seed)
-    metrics = timed_nll(flow, data)
+    columns = (payload.get("config") or {}).get("context_columns")
+    (data,), (context,) = context_split([data], columns, args.data)
+    metrics = timed_nll(flow, data, context)
+    if context is not None:
+        metrics["conditional"] = True
     if args.json:
         print(json.dumps(metrics))
     else:
         print(
-            f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
+            f"{'conditional ' if context is not None else ''}test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
         )
     return 0
@@ -145,10 +182,19 @@ def solver_from_file(path: str) -> Solver:
 def cmd_sample(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
+    if args.context is not None and args.context_file is not None:
+        raise ValueError("give --context or --context-file, not both")
+    context = None
+    if args.context is not None:
+        context = parse_context(args.context)
+    elif args.context_file is not None:
+        context = load_data(args.context_file)
+    if context is not None:
+        context = context.to(next(flow.parameters()).dtype)
     with torch.no_grad():
-        samples = flow.sample(args.n, generator=generator)
+        samples = flow.sample(args.n, generator=generator, **({} if context is None else {"context": context}))
     np.save(args.out, samples.numpy())
-    print(f"wrote {args.n} samples to {args.out}")
+    print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
     return 0
 
 
@@ -273,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--sigma-min", type=float, default=DEFAULT_SIGMA_MIN, help="flow-matching path width at t=1"
     )
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    p.add_argument(
+        "--context-columns", type=int, nargs="+", default=None, metavar="I",
+        help="columns of the --data table that are the context c of p(x | c) (standardised)",
+    )  # fmt: skip
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
@@ -289,6 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
+    p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
+    p.add_argument(
+        "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
+    )
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")

@@ -170,6 +170,8 @@ class CNF(nn.Module):
     """
 
     kind = "cnf"
+    #: which columns of a table are the context (set by ``cnf train --context-columns``)
+    context_columns: list[int] | None = None
 
     def __init__(
         self,
@@ -450,4 +452,5 @@ class CNF(nn.Module):
             "divergence": self.divergence,
             "noise": self.noise,
             "solver": self.solver.to_dict(),
+            **({"context_columns": list(self.context_columns)} if self.context_columns else {}),
         }

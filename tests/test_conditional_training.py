@@ -79,8 +79,17 @@ def test_train_with_contexts_learns_the_conditional(objective: str) -> None:
     before = cnf.evaluate_nll(flow, val_x, context=val_c)
     iters = 60 if objective == "likelihood" else 400
     result = cnf.train(
-        flow, x, val_x, context=c, val_context=val_c, iters=iters, batch_size=128, lr=1e-2,
-        objective=objective, val_every=iters, progress=False,
+        flow,
+        x,
+        val_x,
+        context=c,
+        val_context=val_c,
+        iters=iters,
+        batch_size=128,
+        lr=1e-2,
+        objective=objective,
+        val_every=iters,
+        progress=False,
     )
     after = cnf.evaluate_nll(flow, val_x, context=val_c)
     swapped = cnf.evaluate_nll(flow, val_x, context=val_c.flip(1))  # the wrong labels
