@@ -7,6 +7,7 @@ from cnf.flow import CNF, StandardNormal
 from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.solver import Solver, SolverError, SolveStats
 from cnf.training import TrainingError, TrainSettings, evaluate_nll, train
+from cnf.transforms import TransformedFlow
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "StandardNormal",
     "TrainSettings",
     "TrainingError",
+    "TransformedFlow",
     "__version__",
     "evaluate_nll",
     "exact_divergence",

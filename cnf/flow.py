@@ -22,6 +22,7 @@ from torch import nn
 
 from cnf.context import check_context, context_dim_of
 from cnf.data import check_batch
+from cnf.data.checks import check_event_shape
 from cnf.divergence import (
     DIVERGENCES,
     NOISES,
@@ -34,19 +35,25 @@ from cnf.solver import Solver, SolveStats, solve
 
 
 class StandardNormal(nn.Module):
-    """N(0, I) on R^dim that follows the module's device and dtype."""
+    """N(0, I) on R^dim (or on tensors of shape ``dim`` when it is a tuple such as (C, H, W))
+    that follows the module's device and dtype."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int | tuple[int, ...]) -> None:
         super().__init__()
         self.dim = dim
+        self.event_shape = tuple(dim) if isinstance(dim, tuple) else (dim,)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        event_dims = tuple(range(-len(self.event_shape), 0))
+        size = math.prod(self.event_shape)
+        return -0.5 * z.pow(2).sum(event_dims) - 0.5 * size * math.log(2 * math.pi)
 
     def sample(self, shape: Sequence[int] = (), generator: torch.Generator | None = None) -> torch.Tensor:
         anchor = self._anchor
-        return torch.randn((*shape, self.dim), dtype=anchor.dtype, device=anchor.device, generator=generator)
+        return torch.randn(
+            (*shape, *self.event_shape), dtype=anchor.dtype, device=anchor.device, generator=generator
+        )
 
 
 def base_log_prob(base: Any, z: torch.Tensor) -> torch.Tensor:
@@ -63,7 +70,7 @@ def base_sample(base: Any, n: int, generator: torch.Generator | None = None) -> 
     return base.sample((n,))
 
 
-def check_base(base: Any, dim: int) -> Any:
+def check_base(base: Any, dim: int | tuple[int, ...]) -> Any:
     if base is None:
         return StandardNormal(dim)
     if not (callable(getattr(base, "log_prob", None)) and callable(getattr(base, "sample", None))):
@@ -126,7 +133,7 @@ class AugmentedDynamics(nn.Module):
                 if self.divergence == "exact":
                     div = exact_divergence(f, x, create_graph)
                 else:
-                    div = (vjp * self.probe).sum(dim=1)
+                    div = (vjp * self.probe).flatten(1).sum(dim=1)
             elif self.divergence == "exact":
                 div = exact_divergence(f, x, create_graph)
             else:
@@ -156,7 +163,9 @@ class CNF(nn.Module):
 
     Args:
         field: an ``nn.Module`` with ``forward(t, x)`` returning a tensor shaped like x.
-        dim: data dimension (default: ``field.dim``).
+        dim: data dimension (default: ``field.dim``), or a shape tuple such as (C, H, W) for
+            image-shaped states (then x has shape (n, C, H, W) and the divergence is the trace
+            over all C*H*W entries).
         base: the base distribution p0 (default: standard normal); any object with
             ``log_prob`` and ``sample``, e.g. a ``torch.distributions.Distribution``.
         divergence: ``exact`` (trace of the Jacobian) or ``hutchinson`` (one probe per solve).
@@ -176,7 +185,7 @@ class CNF(nn.Module):
     def __init__(
         self,
         field: nn.Module,
-        dim: int | None = None,
+        dim: int | tuple[int, ...] | None = None,
         *,
         base: Any = None,
         divergence: str = "exact",
@@ -195,7 +204,9 @@ class CNF(nn.Module):
         if not isinstance(solver, Solver):
             raise TypeError(f"solver must be a cnf.Solver, got {solver!r}")
         dim = getattr(field, "dim", None) if dim is None else dim
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, (tuple, list, torch.Size)):
+            dim = check_event_shape(dim)
+        elif isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int (or field.dim must exist), got {dim!r}")
         self.field = field
         self.dim = dim
@@ -378,7 +389,8 @@ class CNF(nn.Module):
         """``n`` samples of p1, shape (n, dim); with c of shape (B, k), (n, B, dim): n samples of
         each p(x | c_b), all from one batched solve."""
         z, context, shape = self._conditional_base_sample(n, generator, context)
-        return self.inverse(z, context=context).reshape(*shape, self.dim)
+        x = self.inverse(z, context=context)
+        return x.reshape(*shape, *x.shape[1:])
 
     def sample_and_log_prob(
         self, n: int, *, generator: torch.Generator | None = None, context: torch.Tensor | None = None
@@ -387,7 +399,7 @@ class CNF(nn.Module):
         shapes (n, dim) and (n,), or (n, B, dim) and (n, B) for a context of shape (B, k)."""
         z, context, shape = self._conditional_base_sample(n, generator, context)
         x, log_prob = self.inverse_and_log_prob(z, generator=generator, context=context)
-        return x.reshape(*shape, self.dim), log_prob.reshape(shape)
+        return x.reshape(*shape, *x.shape[1:]), log_prob.reshape(shape)
 
     def _conditional_base_sample(
         self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
@@ -447,7 +459,7 @@ class CNF(nn.Module):
         field_config = self.field.config() if callable(getattr(self.field, "config", None)) else None
         return {
             "kind": self.kind,
-            "dim": self.dim,
+            "dim": list(self.dim) if isinstance(self.dim, tuple) else self.dim,
             "field": field_config,
             "divergence": self.divergence,
             "noise": self.noise,

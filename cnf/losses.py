@@ -66,7 +66,7 @@ def nll_loss(
             f"got {type(flow).__name__}"
         )
     log_prob, kinetic, jacobian = flow.regularized_log_prob(batch, **conditional)
-    penalty = rnode_penalty(kinetic, jacobian, batch.shape[1], kinetic_weight, jacobian_weight)
+    penalty = rnode_penalty(kinetic, jacobian, batch[0].numel(), kinetic_weight, jacobian_weight)
     return -log_prob.mean() + penalty
 
 
@@ -78,7 +78,7 @@ def conditional_path(
     x_t = (1 - (1 - sigma_min) t) x0 + t x1 and u_t = x1 - (1 - sigma_min) x0, with x0 from the
     base at t=0 and x1 from the data at t=1; ``t`` has shape (batch,).
     """
-    tt = t.reshape(-1, 1)
+    tt = t.reshape(-1, *[1] * (x0.ndim - 1))  # broadcasts over (batch, d) or images (batch, C, H, W)
     xt = (1 - (1 - sigma_min) * tt) * x0 + tt * x1
     ut = x1 - (1 - sigma_min) * x0
     return xt, ut
@@ -92,7 +92,7 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    cost = torch.cdist(x1.detach().double(), x0.detach().double()).pow(2).cpu().numpy()
+    cost = torch.cdist(x1.detach().flatten(1).double(), x0.detach().flatten(1).double()).pow(2).cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(x1.shape[0], dtype=np.int64)
     perm[rows] = cols
@@ -145,6 +145,10 @@ def flow_matching_loss(
     flow. Squared error summed over coordinates, averaged over the batch. The field is called
     with a per-sample time tensor of shape (batch,) (and the context).
     """
+    preprocess = getattr(flow, "preprocess", None)
+    if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
+        batch, _ = preprocess(batch, generator=generator)
+        flow = flow.flow
     field = getattr(flow, "field", None)
     if not isinstance(field, nn.Module) or not hasattr(flow, "base"):
         raise TypeError(
@@ -162,7 +166,7 @@ def flow_matching_loss(
     xt, ut = conditional_path(x0, batch, t, sigma_min)
     flow.stats = SolveStats(nfe_forward=1, solve="flow_matching")
     velocity = field(t, xt) if context is None else field(t, xt, context=context)
-    return (velocity - ut).pow(2).sum(dim=1).mean()
+    return (velocity - ut).pow(2).flatten(1).sum(dim=1).mean()
 
 
 COUPLINGS = ("independent", "ot")

@@ -134,6 +134,17 @@ def _rows(context: torch.Tensor, start: int, count: int) -> torch.Tensor:
     return context if context.ndim == 1 or context.shape[0] == 1 else context[start : start + count]
 
 
+def _float_if_dequantized(flow: nn.Module, data: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer data (e.g. uint8 images) as floats of the flow's dtype when the flow dequantises
+    its input (a :class:`cnf.transforms.TransformedFlow`); anything else is left to check_batch."""
+    if not isinstance(data, torch.Tensor) or data.dtype.is_floating_point or data.dtype == torch.bool:
+        return data
+    if getattr(flow, "preprocess", None) is None:
+        return data
+    param = next(flow.parameters(), None)
+    return data.to(param.dtype if param is not None else torch.get_default_dtype())
+
+
 def _use_progress_bar(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
 
@@ -151,7 +162,8 @@ def train(
     val_context: torch.Tensor | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``flow`` on ``data`` (n, dim) by the chosen objective with Adam.
+    """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
+    them (:func:`cnf.images.image_flow`), by the chosen objective with Adam.
 
     A conditional flow p(x | c) takes ``context`` (n, k) with one row per data point (and
     ``val_context`` for ``val_data``); each minibatch's rows go to the loss with their points.
@@ -167,6 +179,7 @@ def train(
     if overrides:
         settings = TrainSettings(**{**asdict(settings), **overrides})
     dim = getattr(flow, "dim", None)
+    data, val_data = _float_if_dequantized(flow, data), _float_if_dequantized(flow, val_data)
     check_batch(data, dim, "data")
     if val_data is not None:
         check_batch(val_data, dim, "val_data")

@@ -45,15 +45,22 @@ def table(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model", ["cnf", "planar"])
-def test_conditional_train_evaluate_sample(model: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("model", "preprocess"), [("cnf", "none"), ("planar", "none"), ("cnf", "standardize")]
+)
+def test_conditional_train_evaluate_sample(
+    model: str, preprocess: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     data = table(tmp_path / "table.npy")
     out = tmp_path / "run"
     args = ["train", "--data", str(data), "--context-columns", "1", "3", "--model", model, "--out", str(out)]
+    args += ["--preprocess", preprocess]
     assert main(args + TINY) == 0
     checkpoint = out / "checkpoint.pt"
     flow, payload = cnf.load_checkpoint(checkpoint)
-    assert flow.context_dim == 2 and payload["config"]["context_columns"] == [1, 3]
+    config = payload["config"] if preprocess == "none" else payload["config"]["flow"]
+    assert flow.context_dim == 2 and config["context_columns"] == [1, 3]
+    assert isinstance(flow, cnf.transforms.TransformedFlow) == (preprocess != "none")
     standardization = next(m for m in flow.modules() if isinstance(m, cnf.context.ContextStandardization))
     np.testing.assert_allclose(standardization.mean.numpy(), [100.0, -5.0], atol=2.0)
     np.testing.assert_allclose(standardization.std.numpy(), [10.0, 0.1], rtol=0.2)

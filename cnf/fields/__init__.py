@@ -2,8 +2,10 @@
 
 * :mod:`cnf.fields.mlp`: :class:`MLPField` (time-conditioned MLP with a forward-mode exact
   divergence), :class:`LinearField` (the analytic test case), :class:`AutogradField`.
+* :mod:`cnf.fields.conv`: :class:`ConvField` (concat-squash convolutions on images).
 """
 
+from cnf.fields.conv import ConcatSquashConv2d, ConvField
 from cnf.fields.mlp import (
     ACTIVATIONS,
     CONTEXT_MODES,
@@ -22,6 +24,8 @@ __all__ = [
     "CONTEXT_MODES",
     "TIME_EMBEDDINGS",
     "AutogradField",
+    "ConcatSquashConv2d",
+    "ConvField",
     "ConcatLinear",
     "ConcatSquashLinear",
     "LinearField",
