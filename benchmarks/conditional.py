@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-context", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-sampling", dest="sampling", action="store_false")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few seconds per task (for the tests)")
     parser.add_argument("--name", default="conditional", help="results file name")
