@@ -49,6 +49,12 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
     from cnf.solver import Solver
 
     kind = config.get("kind")
+    if kind == "conditional_planar":
+        from cnf.planar import ConditionalPlanarFlow
+
+        return ConditionalPlanarFlow(
+            config["dim"], config["layers"], config["context_dim"], hidden=config.get("hidden", (64,))
+        )
     if kind == "cnf":
         if config.get("field") is None:
             raise ValueError(

@@ -2,6 +2,11 @@
 
 cnf train --data moons --model cnf --out runs/moons
 cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
+
+Conditional flows p(x | c) from a table: ``cnf train --data table.npy --context-columns 2 3``
+takes columns 2 and 3 as c (standardised; the statistics are buffers of the checkpoint),
+``cnf evaluate`` reports the conditional NLL, ``cnf sample --context "0.3,1.2"`` (or
+``--context-file contexts.npy`` with one context per row) draws from p(x | c).
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import torch
 
 from cnf import __version__, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
+from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
-from cnf.planar import PlanarFlow
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.recipes import recipe
 from cnf.solver import Solver
 from cnf.training import (
@@ -88,12 +94,41 @@ def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return given
 
 
-def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, dim: int, context_dim: int | None = None) -> torch.nn.Module:
     if args.model == "planar":
-        return PlanarFlow(dim, args.layers)
+        if context_dim is None:
+            return PlanarFlow(dim, args.layers)
+        return ConditionalPlanarFlow(dim, args.layers, context_dim)
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
-    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation)
+    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation, context_dim=context_dim)
     return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
+
+
+def context_split(
+    sets: Sequence[torch.Tensor], columns: Sequence[int] | None, source: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each table's (x, c) for ``--context-columns`` (c None without them)."""
+    if not columns:
+        return list(sets), [None] * len(sets)
+    if Path(source).suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--context-columns needs a .npy/.csv table as --data, got {source!r}")
+    pairs = [split_context_columns(s, columns) for s in sets]
+    return [x for x, _ in pairs], [c for _, c in pairs]
+
+
+def context_columns(config: dict[str, Any] | None) -> list[int] | None:
+    """The ``--context-columns`` a checkpoint's flow was trained with (inside any preprocessing)."""
+    while isinstance(config, dict):
+        if config.get("context_columns"):
+            return config["context_columns"]
+        config = config.get("flow")
+    return None
+
+
+def fit_context_standardization(flow: torch.nn.Module, contexts: torch.Tensor) -> None:
+    for module in flow.modules():
+        if isinstance(module, ContextStandardization):
+            module.fit(contexts.to(module.mean))
 
 
 def is_file_source(source: str) -> bool:
@@ -123,12 +158,15 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
     return load_data(source, n=n, seed=seed)
 
 
-def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
-    """Test NLL in nats (data units), NFE of the scoring solve and seconds, all from one pass;
-    bits per dimension too for discrete data (a flow whose preprocessing dequantises)."""
+def timed_nll(
+    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Test NLL in nats (data units; conditional, mean -log p(x | c), with a context), NFE of the
+    scoring solve and seconds, all from one pass; bits per dimension too for discrete data (a
+    flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
-        log_prob = flow.log_prob(data)
+        log_prob = flow.log_prob(data) if context is None else flow.log_prob(data, context=context)
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -180,28 +218,34 @@ def _resume_path(resume: str) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list]:
-    """Settings of a new run: recipe for the objective, then the flags given."""
+def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
+    """Settings of a new run: recipe for the objective, then the flags given. The last item holds
+    the splits' contexts (``--context-columns``; Nones without)."""
     run = {**RUN_DEFAULTS, **explicit(args, list(RUN_DEFAULTS))}
     splits = load_splits(run["data"], run["n_train"], run["seed"])
+    splits, contexts = context_split(splits, args.context_columns, run["data"])
     dim = splits[0].shape[1]
     for name, value in {**MODEL_DEFAULTS, **SOLVER_DEFAULTS}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.manual_seed(run["seed"])
-    flow = preprocessed(args, run["data"], build_model(args, dim), splits[0])
+    model = build_model(args, dim, None if contexts[0] is None else contexts[0].shape[1])
+    if contexts[0] is not None:
+        fit_context_standardization(model, contexts[0])
+        model.context_columns = run["context_columns"] = list(args.context_columns)
+    flow = preprocessed(args, run["data"], model, splits[0])
     objective = args.objective or "likelihood"
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
     data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
     base = recipe(objective, dim, data_kind, time_limit=time_limit)
     settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     run["data_kind"] = data_kind
-    return run, flow, settings, list(splits)
+    return run, flow, settings, list(splits), contexts
 
 
 def _resumed_run(
     args: argparse.Namespace, checkpoint: Path
-) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list[str]]:
+) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list[str], list]:
     """The run's own data, model, solver and settings from its checkpoint; flags given change them."""
     payload = read_checkpoint(checkpoint)
     saved_run = payload.get("run") or {}
@@ -228,6 +272,8 @@ def _resumed_run(
                 f"{name}={saved_model[name]!r}, got {value!r}; start a new run (another --out) instead"
             )
     splits = load_splits(run["data"], run["n_train"], run["seed"])
+    columns = context_columns(outer)
+    splits, contexts = context_split(splits, columns, run["data"])
     saved_shape = event_shape(config.get("dim"))
     if saved_shape is not None and tuple(splits[0].shape[1:]) != saved_shape:
         raise ValueError(
@@ -236,6 +282,7 @@ def _resumed_run(
         )
     flow = build_flow(outer)
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    inner.context_columns = columns
     if isinstance(inner, CNF):
         solver_changes = {k: v for k, v in explicit(args, ["method", "rtol", "atol", "adjoint"]).items()}
         for name in ("divergence", "noise"):
@@ -253,7 +300,7 @@ def _resumed_run(
         if value != getattr(saved, name):
             changes.append(f"{name} {getattr(saved, name)} -> {value}")
     settings = TrainSettings(**{**asdict(saved), **given})
-    return run, flow, settings, list(splits), changes
+    return run, flow, settings, list(splits), changes, contexts
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,7 +308,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
         return cmd_train_vae(args, resume)
     if resume is not None:
-        run, flow, settings, splits, changes = _resumed_run(args, resume)
+        run, flow, settings, splits, changes, contexts = _resumed_run(args, resume)
         out = Path(args.out) if args.out is not None else resume.parent
         saved = read_checkpoint(resume)
         step = saved["step"]
@@ -277,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if settings.iters is not None and step >= settings.iters:
             print(f"note: the run has reached its step cap ({settings.iters}); pass a larger --iters to train further")
     else:
-        run, flow, settings, splits = _new_run(args)
+        run, flow, settings, splits, contexts = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
     train_set, val_set, test_set = splits
     prepare_folder(out, "--out")
@@ -309,8 +356,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=threads,
         overwrite=True,
         run_info=run,
+        context=contexts[0],
+        val_context=contexts[1],
     )
-    metrics = timed_nll(flow, test_set)
+    metrics = timed_nll(flow, test_set) if contexts[2] is None else timed_nll(flow, test_set, contexts[2])
     summary = {
         "data": run["data"],
         "model": getattr(flow.flow if isinstance(flow, TransformedFlow) else flow, "kind", None),
@@ -430,12 +479,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
-    metrics = timed_nll(flow, data)
+    (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
+    metrics = timed_nll(flow, data) if context is None else timed_nll(flow, data, context)
+    if context is not None:
+        metrics["conditional"] = True
     if args.json:
         print(strict_json(metrics))
     else:
         print(
-            f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
+            f"{'conditional ' if context is not None else ''}test NLL: {metrics['nll']:.4f} nats  "
+            f"NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
             + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
@@ -482,10 +535,20 @@ def solver_from_file(path: str) -> Solver:
 def cmd_sample(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     generator = torch.Generator().manual_seed(args.seed)
+    if args.context is not None and args.context_file is not None:
+        raise ValueError("give --context or --context-file, not both")
+    context = None
+    if args.context is not None:
+        context = parse_context(args.context)
+    elif args.context_file is not None:
+        context = load_data(args.context_file)
+    if context is not None:
+        context = context.to(next(flow.parameters()).dtype)
     with torch.no_grad():
-        samples = flow.sample(args.n, generator=generator)
+        conditional = {} if context is None else {"context": context}
+        samples = flow.sample(args.n, generator=generator, **conditional)
     np.save(args.out, samples.numpy())
-    print(f"wrote {args.n} samples to {args.out}")
+    print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
     return 0
 
 
@@ -634,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    p.add_argument(
+        "--context-columns", type=int, nargs="+", default=None, metavar="I",
+        help="columns of the --data table that are the context c of p(x | c) (standardised)",
+    )  # fmt: skip
     vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
     vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
     vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
@@ -657,6 +724,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
+    p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
+    p.add_argument(
+        "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
+    )
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser(

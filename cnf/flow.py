@@ -180,6 +180,8 @@ class CNF(nn.Module):
     """
 
     kind = "cnf"
+    #: which columns of a table are the context (set by ``cnf train --context-columns``)
+    context_columns: list[int] | None = None
     #: Rows that :meth:`log_prob` scores in one solve; a larger batch is split into chunks of this
     #: size, so memory stays bounded (without gradients the default leaves test sets whole).
     chunk_size: int = 65_536
@@ -508,4 +510,5 @@ class CNF(nn.Module):
             "divergence": self.divergence,
             "noise": self.noise,
             "solver": self.solver.to_dict(),
+            **({"context_columns": list(self.context_columns)} if self.context_columns else {}),
         }
