@@ -108,13 +108,20 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, flow: nn.Module | None = None
+    path: str | os.PathLike, flow: nn.Module | None = None, *, device: str | torch.device | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Return ``(flow, checkpoint)``: the flow with its weights restored, and the raw dict."""
+    """Return ``(flow, checkpoint)``: the flow with its weights restored, and the raw dict.
+
+    Tensors are read onto the CPU (whatever device wrote them); ``device`` (``auto``, ``cpu``,
+    ``cuda``, ``cuda:N``, ``mps``; see :func:`cnf.distributed.resolve_device`) then moves the flow."""
     payload = read_checkpoint(path)
     if flow is None:
         if payload.get("config") is None:
             raise ValueError(f"checkpoint {str(path)!r} has no config; pass flow= to restore into")
         flow = build_flow(payload["config"])
     flow.load_state_dict(payload["state_dict"])
+    if device is not None:
+        from cnf.distributed import place
+
+        place(flow, device)
     return flow, payload

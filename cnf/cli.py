@@ -7,6 +7,8 @@ cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__, tuning
+from cnf import __version__, distributed, tuning
 from cnf.checkpoint import load_checkpoint
 from cnf.data import load_data, split
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
@@ -69,7 +71,7 @@ def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
     bits per dimension too for discrete data (a flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
-        log_prob = flow.log_prob(data)
+        log_prob = flow.log_prob(data.to(distributed.flow_device(flow)))
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -93,6 +95,55 @@ def preprocessed(args: argparse.Namespace, flow: torch.nn.Module, train_set: tor
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and not distributed.launched_with_several_processes():
+        return distributed.launch(args.nproc, ["cnf", *without_option(args.argv, "--nproc")])
+    if not distributed.launched_with_several_processes():
+        return _train_here(args, distributed.current_cluster())
+    cluster = distributed.init(args.device, timeout=args.dist_timeout)
+    threads = distributed.threads_per_process()
+    torch.set_num_threads(threads)
+    print(
+        f"cnf train: {cluster.describe()} on {args.device} with {threads} torch thread(s) "
+        f"({distributed.available_cores()} cores / {cluster.local_world_size} local processes)",
+        flush=True,
+    )
+    try:  # ranks other than 0 keep quiet: rank 0 prints and writes for the run
+        with contextlib.nullcontext() if cluster.is_main else contextlib.redirect_stdout(io.StringIO()):
+            code = _train_here(args, cluster)
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (the launched ranks must not relaunch)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
+
+
+def sharded_nll(flow: torch.nn.Module, data: torch.Tensor, cluster: distributed.Cluster) -> dict[str, Any]:
+    """:func:`timed_nll` with each rank scoring its shard, combined over ranks."""
+    if not cluster.distributed:
+        return timed_nll(flow, data)
+    metrics = timed_nll(flow, cluster.shard(data))
+    total, n, nfe = cluster.sum([metrics["nll"] * metrics["n"], metrics["n"], metrics["nfe"]])
+    metrics.update(nll=total / n, n=int(n), nfe=nfe / cluster.world_size)
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(torch.tensor(-total / n), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
     torch.manual_seed(args.seed)
     flow = preprocessed(args, build_model(args, train_set.shape[1]), train_set)
@@ -110,8 +161,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
     )
     out = Path(args.out)
-    result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
-    metrics = timed_nll(flow, test_set)
+    result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume, device=args.device)
+    metrics = sharded_nll(flow, test_set, cluster)
+    if not cluster.is_main:
+        return 0
     summary = {
         "data": args.data,
         "model": args.model,
@@ -123,6 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "test_nfe": metrics["nfe"],
         "test_n": metrics["n"],
         "checkpoint": str(result.checkpoint),
+        "processes": cluster.world_size,
+        "device": str(distributed.flow_device(flow)),
     }
     if "bits_per_dim" in metrics:
         summary["test_bits_per_dim"] = metrics["bits_per_dim"]
@@ -145,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    flow, payload = load_checkpoint(args.checkpoint)
+    flow, payload = load_checkpoint(args.checkpoint, device=args.device)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
@@ -174,11 +229,11 @@ def solver_from_file(path: str) -> Solver:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    flow, _ = load_checkpoint(args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed)
+    flow, _ = load_checkpoint(args.checkpoint, device=args.device)
+    generator = torch.Generator(device=distributed.flow_device(flow)).manual_seed(args.seed)
     with torch.no_grad():
         samples = flow.sample(args.n, generator=generator)
-    np.save(args.out, samples.numpy())
+    np.save(args.out, samples.cpu().numpy())
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 
@@ -252,6 +307,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
     parser.add_argument("--version", action="version", version=f"cnf {__version__}")
@@ -310,6 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    add_device_option(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local processes (torch.distributed, launched by torchrun; each uses cores / N "
+        "threads); for several machines run torchrun --nnodes ... -m cnf train instead",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="seconds a rank waits for a silent peer before the run fails (a dead peer fails it at once)",
+    )
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
@@ -319,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -326,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
+    add_device_option(p)
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")
@@ -380,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as error:

@@ -7,6 +7,7 @@ stops training with :class:`TrainingError` and leaves the last good checkpoint i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -22,6 +23,18 @@ from tqdm.auto import tqdm
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cnf.context import check_context
 from cnf.data import check_batch
+from cnf.distributed import (
+    CONTINUE,
+    FAILED,
+    NONFINITE,
+    SOLVER_FAILED,
+    TIME_LIMIT,
+    Cluster,
+    current_cluster,
+    flow_device,
+    global_ot_pairing,
+    place,
+)
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
 from cnf.solver import SolverError
 
@@ -122,11 +135,19 @@ def evaluate_nll(
     """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients; with
     ``context`` (one row per point, or one for all) the conditional NLL, mean of -log p(x | c)."""
     total = 0.0
+    device = flow_device(flow)  # data are scored on the flow's device, a chunk at a time
     with torch.no_grad():
         for i, chunk in enumerate(torch.split(data, batch_size)):
             kwargs = {} if context is None else {"context": _rows(context, i * batch_size, chunk.shape[0])}
-            total += -flow.log_prob(chunk, **kwargs).sum().item()
+            total += -flow.log_prob(chunk.to(device), **kwargs).sum().item()
     return total / data.shape[0]
+
+
+def _global_nll(flow: nn.Module, data: torch.Tensor, context: torch.Tensor | None, cluster: Cluster) -> float:
+    """Mean NLL over all ranks' shards of the validation data (each rank scores its own rows)."""
+    local = evaluate_nll(flow, data, context=context) * data.shape[0] if data.shape[0] else 0.0
+    total, count = cluster.sum([local, data.shape[0]])
+    return total / count
 
 
 def _rows(context: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -160,6 +181,7 @@ def train(
     progress: bool | None = None,
     context: torch.Tensor | None = None,
     val_context: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
@@ -174,10 +196,20 @@ def train(
         out: folder for ``checkpoint.pt`` and the training log ``train_log.jsonl``.
         resume: a checkpoint to continue from (weights, optimiser, step, RNG, log).
         progress: tqdm bar on/off (default: on when stderr is a terminal).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
+            the flow is moved there and each minibatch follows it (default: where the flow is).
+
+    Inside an initialised process group (``torchrun``; :mod:`cnf.distributed`) every rank trains
+    on its shard of ``data`` with its own seed, gradients are averaged over ranks (the global batch
+    is world_size * batch_size), the log holds all-reduced values and rank 0 alone writes files.
     """
     settings = settings or TrainSettings()
     if overrides:
         settings = TrainSettings(**{**asdict(settings), **overrides})
+    cluster = current_cluster()
+    if device is not None:
+        place(flow, device, cluster.local_rank)
+    target = flow_device(flow)
     dim = getattr(flow, "dim", None)
     data, val_data = _float_if_dequantized(flow, data), _float_if_dequantized(flow, val_data)
     check_batch(data, dim, "data")
@@ -188,10 +220,14 @@ def train(
     if val_data is not None:
         val_context = check_context(val_context, context_dim, val_data.shape[0], val_data)
     loss_fn = settings.loss_function()
+    if cluster.distributed and settings.objective == "ot_flow_matching":  # one assignment, global batch
+        loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)
+    n_total = data.shape[0]
+    data, context = cluster.shard(data), cluster.shard(context)
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     out_dir = Path(out) if out is not None else None
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    log_path = out_dir / LOG_NAME if out_dir is not None else None
+    log_path = out_dir / LOG_NAME if out_dir is not None and cluster.is_main else None
 
     step, elapsed, history = 0, 0.0, []
     if resume is not None:
@@ -199,15 +235,19 @@ def train(
         optimizer.load_state_dict(payload["optimizer"])
         step, elapsed = payload["step"], payload.get("seconds", 0.0)
         history = payload.get("history", [])
-        set_rng_state(payload["rng"])
+        if payload.get("world_size", 1) == 1 and not cluster.distributed:
+            set_rng_state(payload["rng"])
+        else:  # N -> M processes: fresh per-rank streams, distinct from the run's earlier ones
+            torch.manual_seed(cluster.seed(settings.seed, step))
     else:
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(cluster.seed(settings.seed))
+    step_loss = cluster.wrap_loss(flow, loss_fn)  # DDP around the loss (after resume: same weights)
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log_path.write_text("".join(json.dumps(r) + "\n" for r in history))
 
     def checkpoint() -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and cluster.is_main:
             save_checkpoint(
                 checkpoint_path,
                 flow,
@@ -217,30 +257,54 @@ def train(
                 settings=asdict(settings),
                 rng=rng_state(),
                 history=history,
+                world_size=cluster.world_size,
             )
 
-    val_subset = val_data[: settings.val_size] if val_data is not None else None
+    val_subset = cluster.shard(val_data[: settings.val_size]) if val_data is not None else None
     if val_context is not None and val_context.shape[0] > 1:
-        val_context = val_context[: settings.val_size]
+        val_context = cluster.shard(val_context[: settings.val_size])
     n = data.shape[0]
-    bar = tqdm(total=settings.iters, initial=step, disable=not _use_progress_bar(progress), unit="it")
+    batch_size = cluster.batch_size(settings.batch_size, n_total)
+    show_bar = _use_progress_bar(progress) and cluster.is_main
+    bar = tqdm(total=settings.iters, initial=step, disable=not show_bar, unit="it")
     start = time.perf_counter() - elapsed
     stopped_by = "iters"
     val_nll = None
     flow.train()
     while step < settings.iters:
-        if settings.time_limit is not None and time.perf_counter() - start >= settings.time_limit:
+        timed_out = settings.time_limit is not None and time.perf_counter() - start >= settings.time_limit
+        if timed_out and not cluster.distributed:
             stopped_by = "time_limit"
             break
-        rows = torch.randint(0, n, (min(settings.batch_size, n),))
-        batch = data[rows]
-        batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
-        optimizer.zero_grad(set_to_none=True)
+        code, failure = (TIME_LIMIT if timed_out else CONTINUE), None
+        if not timed_out:
+            rows = torch.randint(0, n, (batch_size,), device=data.device)
+            batch = data[rows].to(target)
+            batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = step_loss(batch, **batch_context)
+                nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
+                if not torch.isfinite(loss):
+                    code, failure = NONFINITE, TrainingError(f"loss became {loss.item()} at step {step + 1}")
+            except SolverError as error:
+                code, failure = SOLVER_FAILED, error
+            except Exception as error:  # with several ranks the others must hear of it first
+                if not cluster.distributed:
+                    raise
+                code, failure = FAILED, error
+        # Every rank learns every other's state before the gradient all-reduce: no rank waits forever.
+        code, reporter = cluster.agree(code)
+        if code == TIME_LIMIT:
+            stopped_by = "time_limit"
+            break
         try:
-            loss = loss_fn(flow, batch, **batch_context)
-            nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
+            if code != CONTINUE:
+                if failure is None or reporter != cluster.rank:
+                    failure = TrainingError(cluster.cause(code, reporter))
+                elif cluster.distributed:
+                    failure = TrainingError(f"{cluster.describe()}: {type(failure).__name__}: {failure}")
+                raise failure
             loss.backward()
         except (TrainingError, SolverError) as error:
             bar.close()
@@ -265,22 +329,25 @@ def train(
         optimizer.step()
         step += 1
         elapsed = time.perf_counter() - start
+        loss_value = loss.item()
+        if cluster.distributed:  # the log holds the means over ranks (the global batch's loss)
+            loss_value, nfe_forward, nfe_backward = cluster.mean([loss_value, nfe_forward, nfe_backward])
         record: dict[str, Any] = {
             "step": step,
             "seconds": round(elapsed, 4),
-            "loss": loss.item(),
+            "loss": loss_value,
             "lr": optimizer.param_groups[0]["lr"],
             "nfe_forward": nfe_forward,
             "nfe_backward": nfe_backward,
         }
         if val_subset is not None and (step % settings.val_every == 0 or step == settings.iters):
-            val_nll = evaluate_nll(flow, val_subset, context=val_context)
+            val_nll = _global_nll(flow, val_subset, val_context, cluster)
             record["val_nll"] = val_nll
             record["val_nfe"] = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
             flow.train()
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_nll:.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
         else:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}")
         history.append(record)
         if log_path is not None:
             with log_path.open("a") as handle:
@@ -290,7 +357,7 @@ def train(
             checkpoint()
     bar.close()
     if val_subset is not None and (not history or "val_nll" not in history[-1]):
-        val_nll = evaluate_nll(flow, val_subset, context=val_context)
+        val_nll = _global_nll(flow, val_subset, val_context, cluster)
         if history:
             history[-1]["val_nll"] = val_nll
             if log_path is not None:  # the log gets the final record again, now with val_nll
