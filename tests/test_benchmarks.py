@@ -12,13 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import conditional, discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+from benchmarks import (
+    conditional,
+    discrete_vs_continuous,
+    distributed,
+    divergence_forms,
+    peers,
+    scaling,
+    train_toy,
+)
 
 BENCHMARKS = {
     "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
+    "distributed": distributed.main,
     "peers": peers.main,
     "scaling": scaling.main,
 }
@@ -47,6 +56,11 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "distributed":  # both objectives, 1 and 2 processes, the 2-process rows compared
+        pairs = {(r["objective"], r["processes"]) for r in payload["rows"]}
+        assert pairs == {(o, p) for o in ("likelihood", "ot_flow_matching") for p in (1, 2)}
+        assert all(r["speedup"] > 0 and r["diff_se"] > 0 for r in payload["rows"] if r["processes"] == 2)
+        assert payload["assignment"][0]["global_ms"] > 0
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
