@@ -235,7 +235,9 @@ def test_killed_rank_ends_the_job_naming_it_and_keeps_the_checkpoint(tmp_path) -
         time.sleep(0.2)
     assert victim is not None, f"no checkpoint or no rank 1 (exit {job.poll()})"
     os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
     code = wait_or_kill([job], HANG_GUARD)[0]
+    print(f"the job ended {time.monotonic() - killed:.2f} s after rank 1 was killed")  # -s shows it
     output = job.stdout.read()
     assert code != 0
     assert "rank 1: killed by SIGKILL" in output, output[-3000:]
