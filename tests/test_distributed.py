@@ -68,22 +68,26 @@ def two_ranks(tmp_path_factory) -> Path:
     """Run tests/distributed_worker.py on 2 processes once; return its output folder."""
     out = tmp_path_factory.mktemp("two_ranks")
     port = str(free_port())
-    processes = []
+    processes, logs = [], []
     for rank in range(2):
         env = child_env(
             RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
             MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
         )  # fmt: skip
-        log = (out / f"rank{rank}.log").open("w")
+        logs.append((out / f"rank{rank}.log").open("w"))
         processes.append(
             subprocess.Popen(
-                [sys.executable, str(WORKER), str(out)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                [sys.executable, str(WORKER), str(out)], env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         )
-    codes = wait_or_kill(processes, HANG_GUARD)
-    logs = "\n".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(2))
-    assert codes == [0, 0], f"worker exit codes {codes}:\n{logs}"
+    try:
+        codes = wait_or_kill(processes, HANG_GUARD)
+    finally:
+        for log in logs:
+            log.close()
+    text = "\n".join((out / f"rank{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], f"worker exit codes {codes}:\n{text}"
     return out
 
 
@@ -239,6 +243,7 @@ def test_killed_rank_ends_the_job_naming_it_and_keeps_the_checkpoint(tmp_path) -
     code = wait_or_kill([job], HANG_GUARD)[0]
     print(f"the job ended {time.monotonic() - killed:.2f} s after rank 1 was killed")  # -s shows it
     output = job.stdout.read()
+    job.stdout.close()
     assert code != 0
     assert "rank 1: killed by SIGKILL" in output, output[-3000:]
     flow, payload = cnf.load_checkpoint(out / "checkpoint.pt")
