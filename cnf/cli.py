@@ -35,6 +35,7 @@ from cnf.training import (
     CHECKPOINT_NAME,
     LOG_NAME,
     SUMMARY_NAME,
+    TrainingError,
     TrainingInterrupted,
     TrainSettings,
     _existing_run_files,
@@ -270,6 +271,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:  # ranks other than 0 keep quiet: rank 0 prints and writes for the run
         with contextlib.nullcontext() if cluster.is_main else contextlib.redirect_stdout(io.StringIO()):
             code = _train_here(args, cluster)
+    except Exception as error:
+        distributed.shutdown(wait_for_peers=False)
+        if isinstance(error, (TrainingError, ValueError, TypeError)):  # these name the rank or concern all
+            raise
+        raise RuntimeError(f"{cluster.describe()}: {type(error).__name__}: {error}") from error
     except BaseException:
         distributed.shutdown(wait_for_peers=False)
         raise

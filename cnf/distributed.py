@@ -336,10 +336,15 @@ def launch(nproc: int, module_argv: Sequence[str], *, monitor_interval: float = 
     try:
         run(args)
     except ChildFailedError as error:
-        causes = "; ".join(
-            f"rank {rank}: {_failure_text(failure)}" for rank, failure in sorted(error.failures.items())
+        first, failure = error.get_first_failure()
+        others = "; ".join(
+            f"rank {rank} {_failure_text(f)}" for rank, f in sorted(error.failures.items()) if rank != first
         )
-        raise RuntimeError(f"{nproc}-process run failed ({causes}); the other ranks were stopped") from None
+        raise RuntimeError(
+            f"{nproc}-process run failed: rank {first} {_failure_text(failure)} first"
+            + (f" (then {others})" if others else "")
+            + "; torchrun stopped the other ranks"
+        ) from None
     return 0
 
 
@@ -349,13 +354,13 @@ def _failure_text(failure: Any) -> str:
         try:
             import signal
 
-            return f"killed by {signal.Signals(-exitcode).name}"
+            return f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
-            return f"killed by signal {-exitcode}"
+            return f"was killed by signal {-exitcode}"
     message = getattr(failure, "message", "") or ""
     if message and "To enable traceback" not in message:
-        return f"exit code {exitcode}: {message}"
-    return f"exit code {exitcode} (its error is printed above)"
+        return f"exited with code {exitcode}: {message}"
+    return f"exited with code {exitcode} (its error is printed above)"
 
 
 def print_main(message: str, cluster: Cluster | None = None, file: Any = None) -> None:

@@ -245,7 +245,7 @@ def test_killed_rank_ends_the_job_naming_it_and_keeps_the_checkpoint(tmp_path) -
     output = job.stdout.read()
     job.stdout.close()
     assert code != 0
-    assert "rank 1: killed by SIGKILL" in output, output[-3000:]
+    assert "rank 1 was killed by SIGKILL" in output, output[-3000:]  # first, or after rank 0 lost it
     flow, payload = cnf.load_checkpoint(out / "checkpoint.pt")
     assert payload["step"] >= 100 and payload["world_size"] == 2
 
