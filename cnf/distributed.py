@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime
 import os
-import sys
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -352,8 +352,6 @@ def _failure_text(failure: Any) -> str:
     exitcode = getattr(failure, "exitcode", None)
     if isinstance(exitcode, int) and exitcode < 0:
         try:
-            import signal
-
             return f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             return f"was killed by signal {-exitcode}"
@@ -361,9 +359,3 @@ def _failure_text(failure: Any) -> str:
     if message and "To enable traceback" not in message:
         return f"exited with code {exitcode}: {message}"
     return f"exited with code {exitcode} (its error is printed above)"
-
-
-def print_main(message: str, cluster: Cluster | None = None, file: Any = None) -> None:
-    """Print on rank 0 only."""
-    if (cluster or current_cluster()).is_main:
-        print(message, file=file or sys.stdout, flush=True)
