@@ -106,19 +106,23 @@ def union_batch_draws(objective: str) -> tuple[torch.Tensor, torch.Tensor | None
         shard = cluster.shard(data())
         torch.manual_seed(cluster.seed(SEED))
         batches.append(shard[torch.randint(0, shard.shape[0], (BATCH,))])
-        if objective == "flow_matching":  # the loss then draws x0 ~ N(0, I) and t ~ U(0, 1)
+        if objective != "likelihood":  # the loss then draws x0 ~ N(0, I) and t ~ U(0, 1)
             x0s.append(torch.randn(BATCH, 2, dtype=torch.float64))
             ts.append(torch.rand(BATCH, dtype=torch.float64))
-    if objective == "flow_matching":
-        return torch.cat(batches), torch.cat(x0s), torch.cat(ts)
-    return torch.cat(batches), None, None
+    if objective == "likelihood":
+        return torch.cat(batches), None, None
+    batch, x0 = torch.cat(batches), torch.cat(x0s)
+    if objective == "ot_flow_matching":  # one assignment on the union batch
+        x0 = x0[ot_pairing(x0, batch)]
+    return batch, x0, torch.cat(ts)
 
 
 @needs_gloo
-@pytest.mark.parametrize("objective", ["likelihood", "flow_matching"])
+@pytest.mark.parametrize("objective", ["likelihood", "flow_matching", "ot_flow_matching"])
 def test_one_step_on_two_processes_equals_one_process_on_the_union_batch(two_ranks, objective) -> None:
     """DDP's averaged gradient on 2 ranks x 4 points is the gradient of the 8-point union batch's
-    loss (computed here independently, in one process), and so is the Adam step. The solver is
+    loss (computed here independently, in one process), and so is the Adam step; with OT flow
+    matching the union's pairs come from one assignment on the 8 points. The solver is
     fixed-step rk4: an adaptive solver picks its steps from the whole batch, so halves would
     differ from the union by about the tolerance, not by rounding."""
     from distributed_worker import tiny_flow
