@@ -1,6 +1,6 @@
 """Training throughput and test NLL: one process with 2 threads against 2 processes with 1 thread.
 
-    flock /work/bench.lock python -m benchmarks.distributed      # ~5 min on a 2-core machine
+    flock /work/bench.lock python -m benchmarks.distributed      # ~4 min on a 2-core machine
     python -m benchmarks.distributed --quick                       # seconds; a smoke test
 
 For maximum likelihood and OT flow matching, the same CNF (same initial weights) is trained on the
@@ -147,8 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny model (smoke test)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (1x2, 2x1)")
     parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    parser.add_argument("--ml-steps", type=int, default=120)
-    parser.add_argument("--fm-steps", type=int, default=600)
+    parser.add_argument("--ml-steps", type=int, default=80)
+    parser.add_argument("--fm-steps", type=int, default=400)
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--n-test", type=int, default=5_000)
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
