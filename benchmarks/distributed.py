@@ -148,8 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few steps of a tiny model (smoke test)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of (1x2, 2x1)")
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
-    parser.add_argument("--quick-objectives", nargs="+", default=["likelihood", "ot_flow_matching"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--objectives", nargs="+", default=None, choices=list(OBJECTIVES), help="default: all (--quick: ML, OT-FM)"
+    )
     parser.add_argument("--ml-steps", type=int, default=80)
     parser.add_argument("--fm-steps", type=int, default=400)
     parser.add_argument("--n-train", type=int, default=20_000)
@@ -168,7 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.ml_steps, args.fm_steps, args.n_train, args.n_test = 1, 3, 5, 2_000, 500
         args.hidden = [16, 16]
-        args.objectives = args.quick_objectives
+    if args.objectives is None:
+        args.objectives = ["likelihood", "ot_flow_matching"] if args.quick else list(OBJECTIVES)
     cores = distributed.available_cores()
     configs = [(1, cores), (args.nproc, max(1, cores // args.nproc))]
     test = load_data(DATA, n=args.n_test, seed=TEST_SEED)
