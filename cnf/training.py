@@ -463,6 +463,8 @@ def _train_loop(
     target = flow_device(flow)
     n_total = data.shape[0]
     data, context = cluster.shard(data), cluster.shard(context)
+    # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
+    step_loss = cluster.wrap_loss(flow, loss_fn)
     ema = ExponentialMovingAverage(flow, settings.ema_decay) if settings.ema_decay is not None else None
 
     step, elapsed, history = 0, 0.0, []
@@ -487,7 +489,6 @@ def _train_loop(
         history = read_log(Path(resume).parent / LOG_NAME, up_to_step=step)
     else:
         torch.manual_seed(cluster.seed(settings.seed))
-    step_loss = cluster.wrap_loss(flow, loss_fn)  # DDP around the loss, after resume (same weights)
     if log_path is not None:
         atomic_write_text(log_path, "".join(strict_json(r) + "\n" for r in history))
     # The step whose state is in checkpoint_path already (a resume from that very file).
