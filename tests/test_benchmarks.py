@@ -16,6 +16,7 @@ from benchmarks import (
     checkpoint_cost,
     conditional,
     discrete_vs_continuous,
+    distributed,
     divergence_forms,
     peers,
     real_data,
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
+    "distributed": distributed.main,
     "peers": peers.main,
     "real_data": real_data.main,
     "scaling": scaling.main,
@@ -67,6 +69,11 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "distributed":  # both objectives, 1 and 2 processes, the 2-process rows compared
+        pairs = {(r["objective"], r["processes"]) for r in payload["rows"]}
+        assert pairs == {(o, p) for o in ("likelihood", "ot_flow_matching") for p in (1, 2)}
+        assert all(r["speedup"] > 0 and r["diff_se"] > 0 for r in payload["rows"] if r["processes"] == 2)
+        assert payload["assignment"][0]["global_ms"] > 0
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
         assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
