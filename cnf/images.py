@@ -197,3 +197,14 @@ def image_trajectory(flow: nn.Module, z: torch.Tensor, ts: Sequence[float]) -> t
         if preprocess is None:
             return path
         return preprocess.inverse(path.flatten(0, 1)).reshape(path.shape)
+
+
+def nearest_neighbour_distances(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance (in grey levels) from each image to its nearest image in ``reference``.
+
+    Samples whose distances to the training set are like those of held-out test images are not
+    copies of training images; a copy has distance 0.
+    """
+    a = torch.as_tensor(images).flatten(1).double()
+    b = torch.as_tensor(reference).flatten(1).double()
+    return torch.cat([torch.cdist(chunk, b).min(dim=1).values for chunk in torch.split(a, 1000)])

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+from benchmarks import discrete_vs_continuous, divergence_forms, images, peers, scaling, train_toy
 
 BENCHMARKS = {
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
+    "images_digits-images": images.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
     "scaling": scaling.main,
@@ -35,6 +36,10 @@ def _read(out: Path, name: str) -> dict:
 def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     BENCHMARKS[name](["--quick", "--out", str(tmp_path)])
     payload = _read(tmp_path, name)
+    if name == "images_digits-images":
+        rows = {r["method"]: r for r in payload["rows"]}
+        assert {"cnf-ml-multiscale", "cnf-otfm", "gaussian-logit"} <= set(rows)
+        assert all(r["test_bpd"] > 0 and r["test_bpd_2se"] > 0 for r in rows.values())
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":
