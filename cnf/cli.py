@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__, tuning
+from cnf import __version__, cli_images, tuning
 from cnf.checkpoint import load_checkpoint
 from cnf.data import load_data, split
 from cnf.fields import MLPField
@@ -64,6 +64,8 @@ def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
+        return cli_images.cmd_train_images(args)
     train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
     torch.manual_seed(args.seed)
     flow = build_model(args, train_set.shape[1])
@@ -113,6 +115,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_source(args.data):
+        solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
+        return cli_images.evaluate_images(flow, args.data, args.json, solver)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     if Path(args.data).suffix.lower() in (".npy", ".csv"):
@@ -233,8 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="fit a flow by maximum likelihood and save a checkpoint")
-    p.add_argument("--data", default="moons", help="dataset name or .npy/.csv file (default moons)")
-    p.add_argument("--model", choices=("cnf", "planar"), default="cnf")
+    p.add_argument(
+        "--data",
+        default="moons",
+        help="dataset name, .npy/.csv file, or images: digits-images, fashion-mnist, .npy (n, C, H, W)",
+    )
+    p.add_argument("--model", choices=("cnf", "planar", "multiscale"), default="cnf", help="multiscale: images")
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--time-limit", type=positive_float, default=90.0, help="wall-clock limit in seconds")
     p.add_argument("--out", default="runs/default", help="output folder for checkpoint and log")

@@ -139,18 +139,28 @@ def load_digits_images(seed: int | None = 0) -> ImageSplits:
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.int64)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
-    generator = torch.Generator().manual_seed(0 if seed is None else seed)
-    perm = torch.randperm(images.shape[0], generator=generator)
+    return split_images(images, DIGITS_LEVELS, labels, fractions=DIGITS_FRACTIONS, seed=seed, name="digits-images")
+
+
+def split_images(
+    images: torch.Tensor,
+    levels: int,
+    labels: torch.Tensor | None = None,
+    *,
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    seed: int | None = 0,
+    name: str = "images",
+) -> ImageSplits:
+    """Shuffle integer images (n, C, H, W) with ``seed`` and split them into train / val / test."""
+    levels = check_images(images, levels, name)
     n = images.shape[0]
-    n_train = round(DIGITS_FRACTIONS[0] * n)
-    n_val = round((DIGITS_FRACTIONS[0] + DIGITS_FRACTIONS[1]) * n) - n_train
+    n_train, n_val = round(fractions[0] * n), round((fractions[0] + fractions[1]) * n) - round(fractions[0] * n)
+    if min(n_train, n_val, n - n_train - n_val) < 1:
+        raise ValueError(f"{name} of shape {tuple(images.shape)} is too small to split {fractions}")
+    labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else labels
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0 if seed is None else seed))
     parts = perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
-    return ImageSplits(
-        *(images[p] for p in parts),
-        DIGITS_LEVELS,
-        *(labels[p] for p in parts),
-        "digits-images",
-    )
+    return ImageSplits(*(images[p] for p in parts), levels, *(labels[p] for p in parts), name)
 
 
 def load_images(name: str, *, seed: int | None = 0) -> ImageSplits:
@@ -180,6 +190,8 @@ def check_images(images: torch.Tensor | np.ndarray, levels: int | None = None, n
     elif tensor.dtype == torch.bool or tensor.is_complex():
         raise TypeError(f"{name} must hold integer pixel values, got dtype {tensor.dtype}")
     low, high = int(tensor.min()), int(tensor.max())
+    if low < 0:
+        raise ValueError(f"{name} must hold non-negative integer pixel values; got values in [{low}, {high}]")
     if levels is None:
         levels = 256 if tensor.dtype == torch.uint8 else high + 1
     levels = _check_positive_int(levels, "levels")
