@@ -4,7 +4,7 @@ from cnf.checkpoint import load_checkpoint, save_checkpoint
 from cnf.divergence import exact_divergence, hutchinson_divergence
 from cnf.fields import LinearField, MLPField
 from cnf.flow import CNF, StandardNormal
-from cnf.planar import PlanarFlow
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.solver import Solver, SolverError, SolveStats
 from cnf.training import TrainingError, TrainSettings, evaluate_nll, train
 from cnf.transforms import TransformedFlow
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CNF",
+    "ConditionalPlanarFlow",
     "LinearField",
     "MLPField",
     "PlanarFlow",

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import discrete_vs_continuous, divergence_forms, images, peers, scaling, train_toy
+from benchmarks import conditional, discrete_vs_continuous, divergence_forms, images, peers, scaling, train_toy
 
 BENCHMARKS = {
+    "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
     "images_digits-images": images.main,
@@ -40,6 +41,12 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         rows = {r["method"]: r for r in payload["rows"]}
         assert {"cnf-ml-multiscale", "cnf-otfm", "gaussian-logit"} <= set(rows)
         assert all(r["test_bpd"] > 0 and r["test_bpd_2se"] > 0 for r in rows.values())
+    if name == "conditional":
+        rows = payload["rows"]
+        assert {r["task"] for r in rows} == {"rotated8gaussians", "mixture", "two_moons"}
+        assert all(r["true_nll"] is not None and r["two_se"] > 0 for r in rows if "excess_nll" in r)
+        assert any(r["model"] == "unconditional" for r in payload["sampling"])
+        assert all(r["ratio"] > 0 for r in payload["sampling"] if r["model"] == "cnf-ml")
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":

@@ -8,6 +8,7 @@
 from cnf.fields.conv import ConcatSquashConv2d, ConvField
 from cnf.fields.mlp import (
     ACTIVATIONS,
+    CONTEXT_MODES,
     TIME_EMBEDDINGS,
     AutogradField,
     ConcatLinear,
@@ -20,6 +21,7 @@ from cnf.fields.mlp import (
 
 __all__ = [
     "ACTIVATIONS",
+    "CONTEXT_MODES",
     "TIME_EMBEDDINGS",
     "AutogradField",
     "ConcatSquashConv2d",

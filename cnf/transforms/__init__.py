@@ -4,6 +4,7 @@
 * :class:`Dequantize`: uniform noise within the bins of integer / few-level data.
 * :class:`Logit`: logit(alpha + (1 - 2 alpha) x) for data in [0, 1].
 * :class:`Compose`: a chain of them.
+* :func:`choose_preprocessing`: what a table needs, fitted on its training split.
 * :class:`TransformedFlow`: a flow with its preprocessing, reporting log p in the data's units.
 
 Contract: ``forward(x) -> (y, logdet)`` per sample for x of shape (n, ...), ``inverse(y) -> x``,
@@ -12,12 +13,14 @@ Contract: ``forward(x) -> (y, logdet)`` per sample for x of shape (n, ...), ``in
 
 from cnf.transforms.base import Compose, Transform, build_transform
 from cnf.transforms.dequantize import Dequantize
+from cnf.transforms.detect import STEPS, choose_preprocessing
 from cnf.transforms.flow import TransformedFlow, bits_per_dim
 from cnf.transforms.logit import DEFAULT_ALPHA, Logit
 from cnf.transforms.standardize import Standardize
 
 __all__ = [
     "DEFAULT_ALPHA",
+    "STEPS",
     "Compose",
     "Dequantize",
     "Logit",
@@ -26,4 +29,5 @@ __all__ = [
     "TransformedFlow",
     "bits_per_dim",
     "build_transform",
+    "choose_preprocessing",
 ]

@@ -114,18 +114,24 @@ class TransformedFlow(nn.Module):
         path = self.flow.trajectory(x0, ts)
         return self.preprocess.inverse(path.flatten(0, 1)).reshape(path.shape[:2] + (-1,))
 
+    @property
+    def bin_width(self) -> float | None:
+        """Bin width of discrete data (the first step is a :class:`Dequantize`), else None."""
+        first = next(self.preprocess.leaves())
+        return first.bin_width if isinstance(first, Dequantize) else None
+
     def bits_per_dim(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bits per dimension of discrete data x, per sample (an upper bound; see :func:`bits_per_dim`).
 
         Needs a :class:`Dequantize` as the first preprocessing step: it defines the bins.
         """
-        first = next(self.preprocess.leaves())
-        if not isinstance(first, Dequantize):
+        if self.bin_width is None:
+            first = next(self.preprocess.leaves())
             raise ValueError(
                 "bits_per_dim needs discrete data: the preprocessing must start with Dequantize, "
                 f"got {type(first).__name__}"
             )
-        return bits_per_dim(self.log_prob(x, generator=generator), sample_size(x), first.bin_width)
+        return bits_per_dim(self.log_prob(x, generator=generator), sample_size(x), self.bin_width)
 
     def config(self) -> dict[str, Any]:
         flow_config = self.flow.config() if callable(getattr(self.flow, "config", None)) else None
