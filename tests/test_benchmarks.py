@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import conditional, discrete_vs_continuous, divergence_forms, images, peers, scaling, train_toy
+from benchmarks import (
+    conditional,
+    discrete_vs_continuous,
+    divergence_forms,
+    images,
+    peers,
+    scaling,
+    train_toy,
+)
 
 BENCHMARKS = {
     "conditional": conditional.main,
