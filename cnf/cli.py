@@ -226,6 +226,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
     flow, _ = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
+        return cli_images.plot_images(flow, args.out, args.data)
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)

@@ -4,6 +4,7 @@
     cnf train --data fashion-mnist --out runs/fashion      # needs apt-get install dataset-fashion-mnist
     cnf train --data my_images.npy --out runs/mine         # integer array of shape (n, C, H, W)
     cnf evaluate --checkpoint runs/digits/checkpoint.pt --data digits-images --json
+    cnf plot --checkpoint runs/digits/checkpoint.pt --data digits-images --out plots
 
 Image data take the image recipe (:data:`cnf.images.IMAGE_RECIPE`) for every option left at
 its default; the summary and ``--json`` carry ``bits_per_dim``. Split: the named datasets' fixed
@@ -156,4 +157,36 @@ def evaluate_images(flow: nn.Module, source: str, as_json: bool, solver: Solver 
             f"test bits/dim: {score.mean:.4f} +- {2 * score.se:.4f} (2 SE)  NFE: {score.nfe}  "
             f"seconds: {score.seconds:.3f}  n: {score.n}"
         )
+    return 0
+
+
+def is_image_flow(flow: nn.Module) -> bool:
+    """A flow that dequantises (C, H, W) images."""
+    dim = getattr(flow, "dim", None)
+    return dequantization_levels(flow) is not None and isinstance(dim, tuple) and len(dim) == 3
+
+
+def plot_images(flow: nn.Module, out: str, source: str | None) -> int:
+    """``cnf plot`` of an image flow: samples (beside test images), the path at t = 0 .. 1 and,
+    with image ``--data``, the interpolation between its first two test images."""
+    from cnf import image_plots
+
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    set_solver(flow, Solver(rtol=1e-4, atol=1e-4))  # pictures: looser and faster
+    generator = torch.Generator().manual_seed(0)
+    real = None
+    if source is not None:
+        if not is_image_source(source):
+            raise ValueError(f"--data {source!r} is not image data for this image flow")
+        real = load_images(source).test if source in IMAGE_DATASETS else torch.from_numpy(
+            np.load(source, allow_pickle=False).astype(np.int64)
+        )
+    paths = [folder / "samples.png", folder / "path.png"]
+    image_plots.plot_samples_and_data(flow, real, 64, generator=generator, path=paths[0])
+    if real is not None:
+        paths.append(folder / "interpolation.png")
+        image_plots.plot_interpolation(flow, real[0], real[1], path=paths[-1])
+    image_plots.plot_image_path(flow, 8, generator=generator, path=paths[1])
+    print("plots: " + ", ".join(str(p) for p in paths))
     return 0

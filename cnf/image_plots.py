@@ -69,21 +69,23 @@ def _levels(flow: nn.Module, levels: int | None) -> int:
 
 def plot_samples_and_data(
     flow: nn.Module,
-    real: torch.Tensor,
+    real: torch.Tensor | None,
     n: int = 64,
     *,
     levels: int | None = None,
     generator: torch.Generator | None = None,
     path: str | os.PathLike | None = None,
 ) -> Figure:
-    """A grid of ``n`` samples beside ``n`` real images."""
+    """A grid of ``n`` samples beside ``n`` real images (samples alone when ``real`` is None)."""
     levels = _levels(flow, levels)
     with torch.no_grad():
         samples = flow.sample(n, generator=generator)
-    fig, axes = _figure(1, 2, 8, 4.3)
-    axes = axes[0]
-    _show(axes[0], samples, levels, None, f"{n} samples of the flow")
-    _show(axes[1], torch.as_tensor(real)[:n], levels, None, f"{min(n, len(real))} real images")
+    panels = 1 if real is None else 2
+    fig, axes = _figure(1, panels, 4 * panels, 4.3)
+    _show(axes[0, 0], samples, levels, None, f"{n} samples of the flow")
+    if real is not None:
+        real = torch.as_tensor(real)[:n]
+        _show(axes[0, 1], real, levels, None, f"{len(real)} real images")
     return _save(fig, path, DPI)
 
 

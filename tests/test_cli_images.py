@@ -32,6 +32,9 @@ def test_train_and_evaluate_images_from_a_file(
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 40 and metrics["bits_per_dim"] > 7.5 and metrics["nfe"] > 0
     assert metrics["nll"] == pytest.approx(metrics["bits_per_dim"] * 16 * np.log(2))
+    plots = tmp_path / "plots"
+    assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--out", str(plots)]) == 0
+    assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png"}
 
 
 def test_image_errors_are_reported(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
