@@ -176,15 +176,21 @@ def latent_interpolation(
     x = as_float_images(torch.stack([torch.as_tensor(first), torch.as_tensor(second)]), flow)
     with torch.no_grad():
         z, _ = flow.transform(x)
-        s = torch.linspace(0, 1, steps, dtype=z.dtype).reshape(-1, *[1] * (z.ndim - 1))
-        z0, z1 = z[0:1], z[1:2]
-        if spherical:
-            cos = (z0 * z1).sum() / (z0.norm() * z1.norm())
-            omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
-            path = (torch.sin((1 - s) * omega) * z0 + torch.sin(s * omega) * z1) / torch.sin(omega)
-        else:
-            path = (1 - s) * z0 + s * z1
-        return flow.inverse(path)
+        return flow.inverse(interpolate(z[0], z[1], steps, spherical=spherical))
+
+
+def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, *, spherical: bool = False) -> torch.Tensor:
+    """``steps`` points from z0 to z1 (any equal shapes), stacked: linear or spherical (slerp,
+    along the great circle with the norm interpolated linearly)."""
+    s = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device).reshape(-1, *[1] * z0.ndim)
+    if not spherical:
+        return (1 - s) * z0 + s * z1
+    n0, n1 = z0.norm(), z1.norm()
+    cos = (z0 * z1).sum() / (n0 * n1)
+    omega = torch.arccos(cos.clamp(-1 + 1e-7, 1 - 1e-7))
+    u0, u1 = z0 / n0, z1 / n1
+    direction = (torch.sin((1 - s) * omega) * u0 + torch.sin(s * omega) * u1) / torch.sin(omega)
+    return direction * ((1 - s) * n0 + s * n1)
 
 
 def image_trajectory(flow: nn.Module, z: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
