@@ -195,14 +195,10 @@ def interpolate(z0: torch.Tensor, z1: torch.Tensor, steps: int, *, spherical: bo
 
 def image_trajectory(flow: nn.Module, z: torch.Tensor, ts: Sequence[float]) -> torch.Tensor:
     """The images along the flow from base draws ``z`` at the times ``ts``, in the data's units:
-    (len(ts), n, C, H, W). Works with a TransformedFlow around a CNF or a MultiScaleCNF."""
-    inner = getattr(flow, "flow", flow)
+    (len(ts), n, C, H, W), without gradients. A TransformedFlow around a CNF or a MultiScaleCNF
+    maps the path back through its preprocessing (quantised pixels)."""
     with torch.no_grad():
-        path = inner.trajectory(z, ts)
-        preprocess = getattr(flow, "preprocess", None)
-        if preprocess is None:
-            return path
-        return preprocess.inverse(path.flatten(0, 1)).reshape(path.shape)
+        return flow.trajectory(z, ts)
 
 
 def nearest_neighbour_distances(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
