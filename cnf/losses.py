@@ -186,10 +186,36 @@ def ot_flow_matching_loss(
     )
 
 
+def elbo_loss(
+    model: nn.Module, batch: torch.Tensor, *, kl_weight: float = 1.0, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Negative ELBO per sample of a VAE (:class:`cnf.vae.VAE`) on a dynamically binarised batch.
+
+    ``batch`` holds pixel intensities in [0, 1]; each call draws x ~ Bernoulli(batch) (binary
+    pixels stay as they are). ``kl_weight`` is the warm-up weight beta of the KL term
+    (:func:`kl_warmup_weight`)."""
+    if context is not None:
+        raise ValueError(f"the elbo objective takes no context, got shape {tuple(context.shape)}")
+    if not callable(getattr(model, "elbo", None)):
+        raise TypeError(f"objective 'elbo' needs a model with elbo(x) (a cnf.vae.VAE), got {type(model).__name__}")
+    low, high = float(batch.min()), float(batch.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"elbo batches must hold pixel intensities in [0, 1], got values in [{low}, {high}]")
+    return -model.elbo(torch.bernoulli(batch), kl_weight=kl_weight).mean()
+
+
+def kl_warmup_weight(step: int, warmup: int) -> float:
+    """beta at 0-based ``step``: rising linearly as (step + 1) / warmup to 1 over ``warmup`` steps
+    (the deterministic warm-up of Sonderby et al. 2016, used by Sylvester flows and FFJORD's VAE);
+    1 throughout for warmup = 0."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
+
+
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
     "likelihood": nll_loss,
     "flow_matching": flow_matching_loss,
     "ot_flow_matching": ot_flow_matching_loss,
+    "elbo": elbo_loss,
 }
 
 #: The options each objective takes (names of :class:`cnf.TrainSettings` fields).
@@ -197,6 +223,7 @@ OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
     "likelihood": ("kinetic_weight", "jacobian_weight"),
     "flow_matching": ("sigma_min",),
     "ot_flow_matching": ("sigma_min",),
+    "elbo": ("kl_warmup",),
 }
 
 
@@ -224,4 +251,6 @@ def make_objective(
             f"kinetic_weight={kinetic_weight!r} and jacobian_weight={jacobian_weight!r} apply only to "
             f"objective='likelihood' (RNODE); objective={objective!r} integrates no ODE"
         )
+    if objective == "elbo":
+        return elbo_loss
     return functools.partial(OBJECTIVES[objective], sigma_min=sigma_min)

@@ -13,13 +13,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (
+    checkpoint_cost,
     conditional,
     discrete_vs_continuous,
     divergence_forms,
     images,
     peers,
+    real_data,
     scaling,
+    threads,
     train_toy,
+    vae,
 )
 
 BENCHMARKS = {
@@ -29,7 +33,11 @@ BENCHMARKS = {
     "images_digits-images": images.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
+    "real_data": real_data.main,
     "scaling": scaling.main,
+    "threads": threads.main,
+    "checkpoint_cost": checkpoint_cost.main,
+    "vae": vae.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -55,11 +63,22 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["true_nll"] is not None and r["two_se"] > 0 for r in rows if "excess_nll" in r)
         assert any(r["model"] == "unconditional" for r in payload["sampling"])
         assert all(r["ratio"] > 0 for r in payload["sampling"] if r["model"] == "cnf-ml")
+    if name == "vae":
+        rows = payload["rows"]
+        assert [r["posterior"] for r in rows] == ["gaussian", "planar", "iaf", "cnf"]
+        assert all(r["iwae"] >= r["elbo"] - 1.0 and r["k"] == 5 and r["iwae_two_se"] > 0 for r in rows)
+        assert rows[0]["iwae_vs_gaussian"] == 0.0 and payload["k"] == 5
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "real_data":
+        models = {r["model"]: r for r in payload["rows"]}
+        assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
+        assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
+        assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
+        assert (tmp_path / "real_data.png").stat().st_size > 0
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
