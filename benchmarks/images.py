@@ -39,7 +39,7 @@ from cnf.adapters import make_zuko_flow, zuko_available
 from cnf.data.images import IMAGE_DATASETS, ImageSplits, load_images
 from cnf.images import IMAGE_RECIPE, evaluate_bits_per_dim, image_flow, set_solver
 from cnf.solver import Solver, SolveStats
-from cnf.training import train
+from cnf.training import TrainSettings, train
 from cnf.transforms import Compose, Dequantize, Logit, TransformedFlow
 
 CNF_METHODS = {
@@ -137,6 +137,7 @@ def run_one(
     hidden: Sequence[int],
     seed: int,
     quick: bool = False,
+    threads: int = 1,
 ) -> dict[str, Any]:
     torch.manual_seed(seed)
     flow = build(method, data, hidden, quick).to(device)
@@ -146,20 +147,8 @@ def run_one(
         objective, options = "likelihood", {}
         if method in CNF_METHODS:
             _, objective, options = CNF_METHODS[method]
-        result = train(
-            flow,
-            train_set,
-            val_set,
-            iters=10**9,
-            time_limit=budget,
-            lr=IMAGE_RECIPE.lr,
-            lr_schedule=IMAGE_RECIPE.lr_schedule,
-            batch_size=IMAGE_RECIPE.batch_size,
-            objective=objective,
-            val_every=10**9,
-            progress=False,
-            **options,
-        )
+        settings = {**IMAGE_RECIPE.train_settings(data.shape, objective, budget), "val_every": 10**9, **options}
+        result = train(flow, train_set, val_set, settings=TrainSettings(**settings), progress=False, threads=threads)
     if method in CNF_METHODS:
         set_solver(flow, QUICK_EVAL_SOLVER if quick else IMAGE_RECIPE.eval_solver)
     flow.eval()
@@ -218,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
     trained = [m for m in methods if m != "gaussian-logit"]
     share = args.budget / max(len(trained), 1)
-    rows = [run_one(m, data, share, device, tuple(args.hidden), args.seed, args.quick) for m in methods]
+    rows = [run_one(m, data, share, device, tuple(args.hidden), args.seed, args.quick, args.threads) for m in methods]
     columns = [
         "method", "data", "test_bpd", "test_bpd_2se", "train_seconds", "steps", "score_nfe",
         "score_seconds", "sample100_nfe", "sample100_seconds", "params", "test_n",
@@ -229,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "device": str(device),
         "hidden": args.hidden,
         "recipe": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in vars(IMAGE_RECIPE).items()},
+        "train_settings": IMAGE_RECIPE.train_settings(data.shape),
         "notes": notes,
     }
     name = f"images_{args.data}" + (f"_{args.tag}" if args.tag else "")

@@ -28,6 +28,9 @@ from cnf.images import IMAGE_RECIPE, dequantization_levels, evaluate_bits_per_di
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
 
+#: Training seconds of ``cnf train`` on images when no --time-limit is given (as for vectors).
+DEFAULT_TIME_LIMIT = 90.0
+
 #: The vector defaults of ``cnf train`` options: an option still at this value takes the image recipe's.
 VECTOR_DEFAULTS: dict[str, Any] = {
     "model": "cnf",
@@ -100,18 +103,21 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
     flow = build_image_model(args, splits)
-    settings = TrainSettings(
-        iters=args.iters or 10**9,
-        batch_size=_given(args, "batch_size") or IMAGE_RECIPE.batch_size,
-        lr=_given(args, "lr") or IMAGE_RECIPE.lr,
-        time_limit=args.time_limit,
-        seed=args.seed or 0,
-        val_every=args.val_every or 100,
-        objective=args.objective or IMAGE_RECIPE.objective,
-        kinetic_weight=args.kinetic_weight or 0.0,
-        jacobian_weight=args.jacobian_weight or 0.0,
-        lr_schedule=args.lr_schedule or IMAGE_RECIPE.lr_schedule,
-    )
+    objective = args.objective or IMAGE_RECIPE.objective
+    time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
+    base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
+    given = {
+        "iters": args.iters,
+        "batch_size": _given(args, "batch_size"),
+        "lr": _given(args, "lr"),
+        "seed": args.seed,
+        "val_every": args.val_every,
+        "kinetic_weight": args.kinetic_weight,
+        "jacobian_weight": args.jacobian_weight,
+        "lr_schedule": args.lr_schedule,
+        "ema_decay": getattr(args, "ema_decay", None),
+    }
+    settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
     out = Path(args.out or "runs/default")
     result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=args.resume)
     set_solver(flow, IMAGE_RECIPE.eval_solver)

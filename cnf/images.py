@@ -12,7 +12,9 @@ for integer pixels x, with every change of variables counted (Theis et al. 2016)
 
 :data:`IMAGE_RECIPE` holds the defaults for images (FFJORD / RNODE's MNIST recipe:
 maximum likelihood with Hutchinson's estimator and fixed-step RK4 for training, dopri5 at
-1e-5 to evaluate), read by :func:`cnf.train` callers, the CLI, the example and the benchmark.
+1e-5 to evaluate) and the model; the training settings (learning rate, batch) come from
+:func:`cnf.recipes.recipe` with ``data_kind="image"``. The CLI, the example and the benchmark
+read both.
 
 References: Grathwohl et al. (2019), "FFJORD"; Finlay et al. (2020), "How to train your
 neural ODE" (RNODE); Dinh et al. (2017), "Real NVP" (logit preprocessing).
@@ -33,6 +35,7 @@ from cnf.data.images import check_images
 from cnf.fields.conv import ConvField
 from cnf.flow import CNF
 from cnf.multiscale import MultiScaleCNF
+from cnf.recipes import recipe
 from cnf.solver import Solver
 from cnf.transforms import Compose, Dequantize, Logit, TransformedFlow
 
@@ -51,10 +54,13 @@ class ImageRecipe:
     noise: str = "rademacher"
     train_solver: Solver = Solver(method="rk4", step_size=0.25)
     eval_solver: Solver = Solver(method="dopri5", rtol=1e-5, atol=1e-5)
-    lr: float = 1e-3
-    batch_size: int = 128
-    lr_schedule: str = "cosine"
     alpha: float = 0.05
+
+    def train_settings(
+        self, shape: Sequence[int], objective: str | None = None, time_limit: float | None = None
+    ) -> dict[str, Any]:
+        """The :class:`cnf.TrainSettings` fields for images of ``shape`` (from :mod:`cnf.recipes`)."""
+        return recipe(objective or self.objective, math.prod(shape), "image", time_limit=time_limit)
 
 
 IMAGE_RECIPE = ImageRecipe()

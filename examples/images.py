@@ -67,13 +67,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         flow,
         digits.train,
         digits.val,
-        iters=3 if quick else 10**9,
-        time_limit=args.seconds,
-        lr=IMAGE_RECIPE.lr,
-        lr_schedule=IMAGE_RECIPE.lr_schedule,
-        batch_size=IMAGE_RECIPE.batch_size,
-        objective=args.objective,
-        val_every=10**9,
+        settings=cnf.TrainSettings(
+            **{
+                **IMAGE_RECIPE.train_settings(digits.shape, args.objective, args.seconds),
+                "iters": 3 if quick else None,
+                "val_every": 10**9,
+            }
+        ),
         out=out,
         progress=None,
     )
