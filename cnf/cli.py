@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__, distributed, tuning
+from cnf import __version__, cli_images, distributed, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
 from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
@@ -364,6 +364,12 @@ def sharded_nll(
 
 
 def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
+    if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
+        if cluster.distributed:
+            raise ValueError(
+                f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
+            )
+        return cli_images.cmd_train_images(args)
     resume = _resume_path(args.resume) if args.resume is not None else None
     if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
         if cluster.distributed:
@@ -553,6 +559,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint, device=args.device)
     if getattr(flow, "kind", None) == "vae":
         return evaluate_vae_checkpoint(flow, args)
+    if cli_images.is_image_source(args.data):
+        solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
+        return cli_images.evaluate_images(flow, args.data, args.json, solver)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
@@ -680,6 +689,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
     flow, _ = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
+        return cli_images.plot_images(flow, args.out, args.data)
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)
@@ -727,9 +738,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run, and the run's own settings with --resume.",
     )
     p.add_argument(
-        "--data", default=None, help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)"
+        "--data",
+        default=None,
+        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons); images: "
+        "digits-images, fashion-mnist or a .npy of shape (n, C, H, W)",
     )
-    p.add_argument("--model", choices=("cnf", "planar", "vae"), default=None, help="default cnf")
+    p.add_argument(
+        "--model", choices=("cnf", "planar", "vae", "multiscale"), default=None, help="default cnf (multiscale: images)"
+    )
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
         "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"

@@ -18,6 +18,7 @@ from benchmarks import (
     discrete_vs_continuous,
     distributed,
     divergence_forms,
+    images,
     peers,
     real_data,
     scaling,
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
+    "images_digits-images": images.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "distributed": distributed.main,
     "peers": peers.main,
@@ -53,6 +55,10 @@ def _read(out: Path, name: str) -> dict:
 def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     BENCHMARKS[name](["--quick", "--out", str(tmp_path)])
     payload = _read(tmp_path, name)
+    if name == "images_digits-images":
+        rows = {r["method"]: r for r in payload["rows"]}
+        assert {"cnf-ml-multiscale", "cnf-otfm", "gaussian-logit"} <= set(rows)
+        assert all(r["test_bpd"] > 0 and r["test_bpd_2se"] > 0 for r in rows.values())
     if name == "conditional":
         rows = payload["rows"]
         assert {r["task"] for r in rows} == {"rotated8gaussians", "mixture", "two_moons"}
