@@ -61,7 +61,7 @@ def is_image_source(source: str | None) -> bool:
         return False
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
-    except ValueError:
+    except (ValueError, OSError, EOFError):  # not a readable .npy: the vector loader explains why
         return False
 
 
