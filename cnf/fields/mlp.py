@@ -93,6 +93,78 @@ def time_column(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(x.shape[0], 1)
 
 
+# Rows of the (chunk * d, width) Jacobian-column matrix processed at a time. One 64-wide
+# float32 block of 4096 rows is 1 MiB: it stays in a core's L2 cache between the matrix product
+# and the slope product, and the allocator reuses it instead of mapping fresh pages on every
+# call (benchmarks/work_precision.py measures the effect; see README "Speed at equal error").
+DIVERGENCE_CHUNK_ROWS = 4096
+
+
+def forward_mode_divergence(
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    activations: Sequence[nn.Module],
+    x: torch.Tensor,
+    activation_name: str = "",
+    chunk_rows: int = DIVERGENCE_CHUNK_ROWS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L``, the trace exact.
+
+    ``affines`` holds each layer's (weight, bias) at the current time. The batch is cut into
+    chunks of ``chunk_rows // d`` samples; per chunk the Jacobian columns are a (chunk, d, width)
+    block: the first layer writes diag(s') W_1 as an outer product, each later one a single
+    matrix product followed by the slope product in place, and the trace is
+    ``columns.view(chunk, d * width) @ W_L.view(d * width)``. Without autograd (scoring) the
+    blocks are two buffers reused across layers and chunks, so a call allocates only its
+    outputs; with autograd (training) every product is out of place so that backward works.
+    """
+    batch, dim = x.shape
+    record = torch.is_grad_enabled()
+    chunk = max(1, min(batch, chunk_rows // dim))
+    widths = [weight.shape[0] for weight, _ in affines[:-1]]
+    buffers: list[torch.Tensor] = []
+    if not record and widths:  # two ping-pong blocks, big enough for every hidden width
+        size = chunk * dim * max(widths)
+        buffers = [x.new_empty(size), x.new_empty(size)]
+    velocities, divergences = [], []
+    for start in range(0, batch, chunk):
+        h = x[start : start + chunk]
+        rows = h.shape[0]
+        columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
+        for i, ((weight, bias), activation) in enumerate(zip(affines[:-1], activations)):
+            pre = torch.addmm(bias, h, weight.t())
+            h = activation(pre)
+            slope = activation_derivative(activation, pre, h)
+            if slope is None:
+                raise ValueError(
+                    f"no analytic derivative for activation {activation_name!r}; use cnf.exact_divergence"
+                )
+            width = weight.shape[0]
+            if record:
+                if columns is None:
+                    columns = slope.unsqueeze(1) * weight.t().unsqueeze(0)
+                else:
+                    product = columns.reshape(rows * dim, -1) @ weight.t()
+                    columns = product.reshape(rows, dim, width) * slope.unsqueeze(1)
+                continue
+            target = buffers[i % 2][: rows * dim * width].view(rows, dim, width)
+            if columns is None:
+                torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
+            else:
+                torch.mm(columns.view(rows * dim, -1), weight.t(), out=target.view(rows * dim, width))
+                target.mul_(slope.unsqueeze(1))
+            columns = target
+        weight, bias = affines[-1]
+        velocities.append(torch.addmm(bias, h, weight.t()))
+        if columns is None:  # no hidden layer: u is affine in x
+            divergences.append(torch.diagonal(weight).sum().expand(rows))
+        else:
+            # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
+            divergences.append(columns.reshape(rows, -1) @ weight.reshape(-1))
+    if len(velocities) == 1:
+        return velocities[0], divergences[0]
+    return torch.cat(velocities), torch.cat(divergences)
+
+
 class MLPField(nn.Module):
     """A time-conditioned MLP velocity field ``u(x, t)`` on R^dim.
 
@@ -132,6 +204,8 @@ class MLPField(nn.Module):
         self.activation_name = activation if isinstance(activation, str) else type(activation).__name__
         self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activations = nn.ModuleList(make_activation() for _ in hidden)
+        # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only).
+        self.divergence_chunk_rows = DIVERGENCE_CHUNK_ROWS
 
     def forward(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
         tt = time_column(t, x)
@@ -155,38 +229,23 @@ class MLPField(nn.Module):
 
         Forward-mode Jacobian: with layer l's affine map (W_l, b_l) at time t and D_l = diag
         sigma'(z_l), the columns J e_j = W_L D_{L-1} W_{L-1} ... D_1 W_1 e_j are carried as a
-        (d, batch, width) tensor and the trace takes the diagonal at the last layer. Same
-        matrix products as d autograd VJPs, but no graph, fewer elementwise passes, and when
-        training the gradient is a plain backward instead of a double backward. ``t`` must be
-        one time shared by the batch.
+        (batch, d, width) tensor and the trace is one matrix-vector product with the last
+        weight. Same matrix products as d autograd VJPs, but no graph, and when training the
+        gradient is a plain backward instead of a double backward. ``t`` must be one time
+        shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
         """
         tt = time_column(t, x)
         if tt.shape[0] != 1:
             raise ValueError(
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
-        h, columns = x, None  # columns[j] = d h / d x_j, shape (d, batch, width)
-        for layer, activation in zip(self.layers[:-1], self.activations):
-            weight, bias = layer.affine(tt)
-            pre = nn.functional.linear(h, weight, bias)
-            h = activation(pre)
-            slope = activation_derivative(activation, pre, h)
-            if slope is None:
-                raise ValueError(
-                    f"no analytic derivative for activation {self.activation_name!r}; use cnf.exact_divergence"
-                )
-            if columns is None:
-                # (d, batch, width), contiguous so that the next layer's reshape is free
-                columns = slope.unsqueeze(0) * weight.t().contiguous().unsqueeze(1)
-            else:
-                dim, batch, width = columns.shape
-                columns = (columns.reshape(dim * batch, width) @ weight.t()).reshape(dim, batch, -1) * slope
-        weight, bias = self.layers[-1].affine(tt)
-        out = nn.functional.linear(h, weight, bias)
-        if columns is None:  # no hidden layer: u is affine in x
-            return out, torch.diagonal(weight).sum().expand(x.shape[0])
-        # div u = sum_j (W_L J_{L-1} e_j)_j: only the diagonal of the last product is needed.
-        return out, (columns * weight.unsqueeze(1)).sum(dim=(0, 2))
+        return forward_mode_divergence(
+            [layer.affine(tt) for layer in self.layers],
+            list(self.activations),
+            x,
+            self.activation_name,
+            self.divergence_chunk_rows,
+        )
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this field (for checkpoints)."""
