@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy
+from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy, work_precision
 
 BENCHMARKS = {
     "train_toy": train_toy.main,
@@ -20,6 +20,7 @@ BENCHMARKS = {
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "peers": peers.main,
     "scaling": scaling.main,
+    "work_precision": work_precision.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -40,6 +41,15 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "work_precision":
+        assert (tmp_path / "work_precision.png").stat().st_size > 0
+        assert {(s["dim"], s["threads"]) for s in payload["segments"]} == {(2, 1), (3, 1)}
+        assert all(h["speedup"] > 0 for h in payload["headline"] if h["speedup"] is not None)
+        forms = {r["form"] for r in payload["segments"][0]["per_evaluation"]}
+        assert {"matrix products (floor)", "cnf forward mode", "autograd VJPs (torchdyn)"} <= forms
+        for segment in payload["segments"]:
+            cnf_rows = [r for r in segment["sweep"] if r["library"] == "cnf"]
+            assert cnf_rows and all(r["status"] == "ok" and r["error"] < 1 for r in cnf_rows)
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
@@ -61,3 +71,8 @@ def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pyte
     payload = _read(tmp_path, "discrete_vs_continuous")
     assert any("zuko is not installed" in note for note in payload["notes"])
     assert "maf" not in {r["model"] for r in payload["rows"]}
+    payload = work_precision.main(["--quick", "--out", str(tmp_path / "wp")])
+    for segment in payload["segments"]:
+        assert all(status != "ok" for status in segment["peers"].values())
+        assert {r["library"] for r in segment["sweep"]} == {"cnf"}
+    assert all(h["speedup"] is None for h in payload["headline"])
