@@ -83,11 +83,11 @@ Run = Callable[[], tuple[torch.Tensor, int]]
 # --------------------------------------------------------------------------- scorers
 
 
-def score_cnf(field: nn.Module, x: torch.Tensor, method: str, setting: float) -> Run:
+def score_cnf(field: nn.Module, x: torch.Tensor, method: str, setting: float, compile: bool = False) -> Run:
     if method in TORCHDIFFEQ["adaptive"]:
-        solver = Solver(method, rtol=setting, atol=setting, max_steps=MAX_NFE)
+        solver = Solver(method, rtol=setting, atol=setting, max_steps=MAX_NFE, compile=compile)
     else:
-        solver = Solver(method, step_size=1 / setting, max_steps=MAX_NFE)
+        solver = Solver(method, step_size=1 / setting, max_steps=MAX_NFE, compile=compile)
     flow = CNF(field, solver=solver)
 
     def run() -> tuple[torch.Tensor, int]:
@@ -129,15 +129,17 @@ def score_torchdyn(field: nn.Module, x: torch.Tensor, method: str, setting: floa
     from torchdyn.core import NeuralODE
     from torchdyn.models import CNF as DynCNF
     from torchdyn.models import autograd_trace
+    from torchdyn.numerics.odeint import odeint
 
     adaptive = method in METHODS["torchdyn"]["adaptive"]
-    tol = setting if adaptive else 1e-5
+    # Fixed-step methods take torchdyn's default tolerances (else it warns that they are unused).
+    atol, rtol = (setting, setting) if adaptive else odeint.__defaults__[:2]
     with contextlib.redirect_stdout(io.StringIO()):
         ode = NeuralODE(
             DynCNF(TimeAttribute(field), trace_estimator=autograd_trace),
             solver=method,
-            atol=tol,
-            rtol=tol,
+            atol=atol,
+            rtol=rtol,
             sensitivity="autograd",
             return_t_eval=False,
         )
@@ -280,7 +282,7 @@ def sweep(
     libraries: Sequence[str],
     quick: bool,
 ) -> list[dict[str, Any]]:
-    """Every library x method x setting once, loose to tight: error, NFE, seconds."""
+    """Every library x method x setting once, loose to tight: error, NFE, seconds (one run)."""
     rows = []
     tolerances = (1e-2, 1e-4) if quick else TOLERANCES
     steps_grid = STEPS[:2] if quick else STEPS
@@ -324,7 +326,7 @@ def pareto(rows: Sequence[dict[str, Any]], key: str = "seconds_once") -> list[di
 
 
 def segment(
-    dim: int, threads: int, field: nn.Module, n: int, n_error: int, rounds: int, quick: bool
+    dim: int, threads: int, field: nn.Module, n: int, n_error: int, rounds: int, quick: bool, compile: bool
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     status = peer_status()
@@ -347,12 +349,29 @@ def segment(
             reached = [r for r in reached if r["error"] <= level]
             entry = {"level": level, "library": library}
             if reached:
-                best = min(reached, key=lambda r: r["seconds_once"])
+                # One library pays about the same per evaluation whatever the method, so the
+                # fewest evaluations is the cheapest (single timings break ties).
+                best = min(reached, key=lambda r: (r["nfe"], r["seconds_once"]))
                 key = f"{library}: {best['setting']}"
                 picks[key] = best
                 entry.update(setting=best["setting"], nfe=best["nfe"], error=best["error"], key=key)
             levels.append(entry)
     runs = {key: SCORERS[r["library"]](field, x, r["method"], r["value"]) for key, r in picks.items()}
+    compile_seconds = None
+    if compile:  # cnf with Solver(compile=True) at each of cnf's picks: same steps, so same NFE
+        for entry in [e for e in levels if e["library"] == "cnf" and "key" in e]:
+            key = f"cnf compiled: {entry['setting']}"
+            compiled = {**entry, "library": "cnf compiled", "key": key}
+            levels.insert(levels.index(entry) + 1, compiled)
+            if key not in runs:
+                pick = picks[entry["key"]]
+                runs[key] = score_cnf(field, x, pick["method"], pick["value"], compile=True)
+                if compile_seconds is None:  # the first compiled solve compiles
+                    start = time.perf_counter()
+                    runs[key]()
+                    compile_seconds = time.perf_counter() - start
+    for run in runs.values():  # warm-up
+        run()
     timed = interleaved_seconds(runs, repeats=rounds, warmup=0) if runs else {}
     for entry in levels:
         if "key" in entry:
@@ -360,13 +379,15 @@ def segment(
     for level in LEVELS:
         at = [e for e in levels if e["level"] == level and e.get("seconds")]
         ours = next((e for e in at if e["library"] == "cnf"), None)
-        peers_at = [e for e in at if e["library"] != "cnf"]
+        peers_at = [e for e in at if not e["library"].startswith("cnf")]
         for e in at:
             e["ratio_to_cnf"] = e["seconds"] / ours["seconds"] if ours else None
-        if ours and peers_at:
+        if peers_at:
             fastest = min(peers_at, key=lambda e: e["seconds"])
-            ours["fastest_peer"] = fastest["library"]
-            ours["speedup_vs_fastest_peer"] = fastest["seconds"] / ours["seconds"]
+            for e in at:
+                if e["library"].startswith("cnf"):
+                    e["fastest_peer"] = fastest["library"]
+                    e["speedup_vs_fastest_peer"] = fastest["seconds"] / e["seconds"]
     return {
         "dim": dim,
         "threads": threads,
@@ -378,6 +399,7 @@ def segment(
         "levels": levels,
         "per_evaluation": per_evaluation(field, x, rounds) if isinstance(field, MLPField) else [],
         "rounds": rounds,
+        "compile_seconds": compile_seconds,
     }
 
 
@@ -392,12 +414,13 @@ def summarise(out: Path) -> dict[str, Any]:
     for seg in segments:
         for e in seg["levels"]:
             rows.append({"dim": seg["dim"], "threads": seg["threads"], **e})
-            if e["library"] == "cnf":
+            if e["library"].startswith("cnf"):
                 headline.append(
                     {
                         "dim": seg["dim"],
                         "threads": seg["threads"],
                         "level": e["level"],
+                        "library": e["library"],
                         "cnf": e.get("setting"),
                         "cnf_seconds": e.get("seconds"),
                         "fastest_peer": e.get("fastest_peer"),
@@ -405,6 +428,11 @@ def summarise(out: Path) -> dict[str, Any]:
                     }
                 )
         eval_rows += [{"dim": seg["dim"], "threads": seg["threads"], **r} for r in seg["per_evaluation"]]
+    startup = [
+        f"d={seg['dim']} threads={seg['threads']}: {seg['compile_seconds']:.1f} s"
+        for seg in segments
+        if seg.get("compile_seconds")
+    ]
     payload = {"machine": machine(), "segments": segments, "headline": headline, "rows": rows}
     (out / f"{NAME}.json").write_text(json.dumps(payload, indent=2))
     text = [
@@ -415,8 +443,11 @@ def summarise(out: Path) -> dict[str, Any]:
         "cnf's speed-up over the fastest peer at equal error (fastest peer's seconds / cnf's):",
         "",
         markdown_table(
-            headline, ("dim", "threads", "level", "cnf", "cnf_seconds", "fastest_peer", "speedup")
+            headline, ("dim", "threads", "level", "library", "cnf", "cnf_seconds", "fastest_peer", "speedup")
         ),
+        "Start-up cost of Solver(compile=True), the first compiled solve: "
+        + (", ".join(startup) if startup else "not measured (--no-compile)"),
+        "",
         "Every library's cheapest setting per level:",
         "",
         markdown_table(rows, COLUMNS),
@@ -471,11 +502,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n", type=int, default=5000, help="points scored per solve")
     parser.add_argument("--n-error", type=int, default=None, help="points with a reference (default n)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the picks")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="skip Solver(compile=True)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.dims, args.threads, args.n, args.rounds, args.train_seconds = [2, 3], [1], 64, 1, 0.5
+        args.compile = False  # tens of seconds of compilation; tests/test_fields.py traces it
     args.out.mkdir(parents=True, exist_ok=True)
     for dim in args.dims:
         if dim == 2:
@@ -485,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             field = MLPField(dim, hidden=(8, 8) if args.quick else (64, 64, 64)).eval()
         n_error = min(args.n, args.n_error or args.n)
         for threads in args.threads:
-            result = segment(dim, threads, field, args.n, n_error, args.rounds, args.quick)
+            result = segment(dim, threads, field, args.n, n_error, args.rounds, args.quick, args.compile)
             (args.out / f"{NAME}_d{dim}_t{threads}.json").write_text(json.dumps(result, indent=2))
             for e in result["levels"]:
                 if e["library"] == "cnf" and e.get("speedup_vs_fastest_peer"):

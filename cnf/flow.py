@@ -86,6 +86,7 @@ class AugmentedDynamics(nn.Module):
         divergence: str,
         probe: torch.Tensor | None,
         regularization: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if regularization and probe is None:
@@ -94,6 +95,7 @@ class AugmentedDynamics(nn.Module):
         self.divergence = divergence
         self.probe = probe
         self.regularization = regularization
+        self.compile = compile
         # A field that knows its own exact divergence (MLPField) skips autograd altogether.
         self.analytic = (
             divergence == "exact"
@@ -105,6 +107,8 @@ class AugmentedDynamics(nn.Module):
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = state[0]
         if self.analytic:
+            if self.compile:
+                return self.field.velocity_and_divergence(t, x, compiled=True)
             return self.field.velocity_and_divergence(t, x)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -220,7 +224,9 @@ class CNF(nn.Module):
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        dynamics = AugmentedDynamics(self.field, self.divergence, self._probe(x, generator, probe))
+        dynamics = AugmentedDynamics(
+            self.field, self.divergence, self._probe(x, generator, probe), compile=self.solver.compile
+        )
         a0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         self.stats = SolveStats()
         xs, a = solve(dynamics, (x, a0), self._times(start, end, x), self.solver, self.stats, name=name)

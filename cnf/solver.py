@@ -52,6 +52,10 @@ class Solver:
         adjoint_rtol, adjoint_atol: tolerances of the backward adjoint solve
             (default: the forward ones).
         max_steps: step budget of one solve; exceeding it raises :class:`SolverError`.
+        compile: run a field's own forward-mode divergence (MLPField) through
+            ``torch.compile`` while scoring without gradients. The first solve pays the
+            compilation (seconds to tens of seconds); it is off by default (README, "Speed at
+            equal error", has the measured start-up cost and gain).
     """
 
     method: str = "dopri5"
@@ -62,6 +66,7 @@ class Solver:
     adjoint_rtol: float | None = None
     adjoint_atol: float | None = None
     max_steps: int = 10_000
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
@@ -83,6 +88,8 @@ class Solver:
             raise ValueError(f"max_steps must be a positive int, got {self.max_steps!r}")
         if not isinstance(self.adjoint, bool):
             raise TypeError(f"adjoint must be a bool, got {self.adjoint!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be a bool, got {self.compile!r}")
 
     @property
     def is_adaptive(self) -> bool:

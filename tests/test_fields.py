@@ -149,3 +149,36 @@ def test_forward_mode_needs_one_shared_time() -> None:
     field = cnf.MLPField(2, hidden=(8,))
     with pytest.raises(ValueError, match=r"one time shared by the batch.*\(4,\)"):
         field.velocity_and_divergence(torch.rand(4), torch.randn(4, 2))
+
+
+def test_compiled_forward_mode_equals_eager_without_recompiling_per_batch_size(monkeypatch) -> None:
+    # Solver(compile=True) scores through torch.compile; chunks of one fixed size (the last one
+    # zero-padded) mean one compilation serves every batch size. Traced with the "eager"
+    # backend (no C++ code generation, seconds instead of tens of seconds);
+    # benchmarks/work_precision.py runs the default inductor backend.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(cnf.fields.mlp, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(cnf.fields.mlp, "_COMPILED_KERNELS", {})
+    field = random_field(3, "softplus", "concatsquash", (6, 5))
+    field.divergence_chunk_rows = 12  # chunks of 4 samples
+    t = torch.tensor(0.3, dtype=torch.float64)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for batch in (9, 4, 2):
+            x = torch.randn(batch, 3, dtype=torch.float64)
+            f, div = field.velocity_and_divergence(t, x, compiled=True)
+            f_eager, div_eager = field.velocity_and_divergence(t, x)
+            torch.testing.assert_close(f, f_eager, rtol=0, atol=1e-12)
+            torch.testing.assert_close(div, div_eager, rtol=0, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+    flow = cnf.CNF(field, solver=cnf.Solver("rk4", step_size=0.25, compile=True))
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        compiled = flow.log_prob(x)
+        flow.solver = flow.solver.with_(compile=False)
+        torch.testing.assert_close(compiled, flow.log_prob(x), rtol=0, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(TypeError, match="compile must be a bool, got 'yes'"):
+        cnf.Solver(compile="yes")

@@ -12,7 +12,7 @@ exact divergence from the same pass, without autograd.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -100,66 +100,98 @@ def time_column(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 DIVERGENCE_CHUNK_ROWS = 4096
 
 
+# One compiled forward_mode_chunk per field architecture (not per instance: copies of a field,
+# e.g. the float64 reference of cnf.tune, share it, and the field itself stays deep-copyable).
+# torch.compile specialises it on dtype and device by itself.
+_COMPILED_KERNELS: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "eager" (no codegen)
+
+
+def forward_mode_chunk(
+    h: torch.Tensor,
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    activations: Sequence[nn.Module],
+    buffers: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L`` on one chunk ``h``.
+
+    ``affines`` holds each layer's (weight, bias) at the current time. The Jacobian columns are
+    a (rows, d, width) block: the first layer writes diag(s') W_1 as an outer product, each later
+    one a single matrix product and the slope product, and the trace is
+    ``columns.view(rows, d * width) @ W_L.view(d * width)``. With ``buffers`` (two flat blocks
+    of at least rows * d * width, no autograd) the products are written into them in place;
+    without, every product is out of place (autograd, torch.compile).
+    """
+    rows, dim = h.shape
+    columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
+    for i, ((weight, bias), activation) in enumerate(zip(affines[:-1], activations)):
+        pre = torch.addmm(bias, h, weight.t())
+        h = activation(pre)
+        slope = activation_derivative(activation, pre, h)
+        if slope is None:
+            raise ValueError(
+                f"no analytic derivative for activation {activation!r}; use cnf.exact_divergence"
+            )
+        width = weight.shape[0]
+        if buffers is None:
+            if columns is None:
+                columns = slope.unsqueeze(1) * weight.t().unsqueeze(0)
+            else:
+                product = columns.reshape(rows * dim, -1) @ weight.t()
+                columns = product.reshape(rows, dim, width) * slope.unsqueeze(1)
+            continue
+        target = buffers[i % 2][: rows * dim * width].view(rows, dim, width)
+        if columns is None:
+            torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
+        else:
+            torch.mm(columns.view(rows * dim, -1), weight.t(), out=target.view(rows * dim, width))
+            target.mul_(slope.unsqueeze(1))
+        columns = target
+    weight, bias = affines[-1]
+    velocity = torch.addmm(bias, h, weight.t())
+    if columns is None:  # no hidden layer: u is affine in x
+        return velocity, torch.diagonal(weight).sum().expand(rows)
+    # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
+    return velocity, columns.reshape(rows, -1) @ weight.reshape(-1)
+
+
 def forward_mode_divergence(
     affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
     activations: Sequence[nn.Module],
     x: torch.Tensor,
-    activation_name: str = "",
     chunk_rows: int = DIVERGENCE_CHUNK_ROWS,
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L``, the trace exact.
+    """``(u, div u)`` of an MLP (see :func:`forward_mode_chunk`) over the batch ``x``, exact.
 
-    ``affines`` holds each layer's (weight, bias) at the current time. The batch is cut into
-    chunks of ``chunk_rows // d`` samples; per chunk the Jacobian columns are a (chunk, d, width)
-    block: the first layer writes diag(s') W_1 as an outer product, each later one a single
-    matrix product followed by the slope product in place, and the trace is
-    ``columns.view(chunk, d * width) @ W_L.view(d * width)``. Without autograd (scoring) the
-    blocks are two buffers reused across layers and chunks, so a call allocates only its
-    outputs; with autograd (training) every product is out of place so that backward works.
+    The batch is cut into chunks of ``chunk_rows // d`` samples. Without autograd (scoring) the
+    column blocks are two buffers reused across layers and chunks, so a call allocates little
+    more than its outputs; with autograd (training) every product is out of place so that
+    backward works. ``kernel`` (a compiled :func:`forward_mode_chunk`) takes every chunk at
+    the full chunk size, the last one zero-padded, so its shapes never change.
     """
     batch, dim = x.shape
-    record = torch.is_grad_enabled()
-    chunk = max(1, min(batch, chunk_rows // dim))
+    chunk = max(1, chunk_rows // dim)
+    if kernel is None:
+        chunk = min(batch, chunk)
     widths = [weight.shape[0] for weight, _ in affines[:-1]]
-    buffers: list[torch.Tensor] = []
-    if not record and widths:  # two ping-pong blocks, big enough for every hidden width
-        size = chunk * dim * max(widths)
+    buffers: list[torch.Tensor] | None = None
+    if kernel is None and not torch.is_grad_enabled() and widths:
+        size = chunk * dim * max(widths)  # two ping-pong blocks, enough for every hidden width
         buffers = [x.new_empty(size), x.new_empty(size)]
     velocities, divergences = [], []
     for start in range(0, batch, chunk):
         h = x[start : start + chunk]
         rows = h.shape[0]
-        columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
-        for i, ((weight, bias), activation) in enumerate(zip(affines[:-1], activations)):
-            pre = torch.addmm(bias, h, weight.t())
-            h = activation(pre)
-            slope = activation_derivative(activation, pre, h)
-            if slope is None:
-                raise ValueError(
-                    f"no analytic derivative for activation {activation_name!r}; use cnf.exact_divergence"
-                )
-            width = weight.shape[0]
-            if record:
-                if columns is None:
-                    columns = slope.unsqueeze(1) * weight.t().unsqueeze(0)
-                else:
-                    product = columns.reshape(rows * dim, -1) @ weight.t()
-                    columns = product.reshape(rows, dim, width) * slope.unsqueeze(1)
-                continue
-            target = buffers[i % 2][: rows * dim * width].view(rows, dim, width)
-            if columns is None:
-                torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
-            else:
-                torch.mm(columns.view(rows * dim, -1), weight.t(), out=target.view(rows * dim, width))
-                target.mul_(slope.unsqueeze(1))
-            columns = target
-        weight, bias = affines[-1]
-        velocities.append(torch.addmm(bias, h, weight.t()))
-        if columns is None:  # no hidden layer: u is affine in x
-            divergences.append(torch.diagonal(weight).sum().expand(rows))
+        if kernel is None:
+            velocity, divergence = forward_mode_chunk(h, affines, activations, buffers)
         else:
-            # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
-            divergences.append(columns.reshape(rows, -1) @ weight.reshape(-1))
+            if rows < chunk:
+                h = torch.cat([h, h.new_zeros(chunk - rows, dim)])
+            velocity, divergence = kernel(h, affines, activations)
+            velocity, divergence = velocity[:rows], divergence[:rows]
+        velocities.append(velocity)
+        divergences.append(divergence)
     if len(velocities) == 1:
         return velocities[0], divergences[0]
     return torch.cat(velocities), torch.cat(divergences)
@@ -223,7 +255,7 @@ class MLPField(nn.Module):
         return all(activation_derivative(a, probe, probe) is not None for a in self.activations)
 
     def velocity_and_divergence(
-        self, t: torch.Tensor | float, x: torch.Tensor
+        self, t: torch.Tensor | float, x: torch.Tensor, *, compiled: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u(x, t), div u(x, t))`` from one pass, the divergence exact.
 
@@ -233,19 +265,26 @@ class MLPField(nn.Module):
         weight. Same matrix products as d autograd VJPs, but no graph, and when training the
         gradient is a plain backward instead of a double backward. ``t`` must be one time
         shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
+
+        ``compiled=True`` runs each chunk through ``torch.compile`` when no gradient is
+        recorded (scoring; training stays eager): the first call compiles (seconds to tens of
+        seconds), later calls reuse it for every batch size since chunks have one fixed size.
         """
         tt = time_column(t, x)
         if tt.shape[0] != 1:
             raise ValueError(
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
-        return forward_mode_divergence(
-            [layer.affine(tt) for layer in self.layers],
-            list(self.activations),
-            x,
-            self.activation_name,
-            self.divergence_chunk_rows,
-        )
+        kernel = None
+        if compiled and not torch.is_grad_enabled():
+            key = (self.dim, self.hidden, self.time_embedding, tuple(map(repr, self.activations)))
+            kernel = _COMPILED_KERNELS.get(key)
+            if kernel is None:
+                kernel = _COMPILED_KERNELS[key] = torch.compile(
+                    forward_mode_chunk, dynamic=False, backend=COMPILE_BACKEND
+                )
+        affines = [layer.affine(tt) for layer in self.layers]
+        return forward_mode_divergence(affines, list(self.activations), x, self.divergence_chunk_rows, kernel)
 
     def config(self) -> dict:
         """Keyword arguments that rebuild this field (for checkpoints)."""
