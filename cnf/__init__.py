@@ -4,14 +4,16 @@ from cnf.checkpoint import load_checkpoint, save_checkpoint
 from cnf.divergence import exact_divergence, hutchinson_divergence
 from cnf.fields import LinearField, MLPField
 from cnf.flow import CNF, StandardNormal
-from cnf.planar import PlanarFlow
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.solver import Solver, SolverError, SolveStats
 from cnf.training import TrainingError, TrainSettings, evaluate_nll, train
+from cnf.transforms import TransformedFlow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CNF",
+    "ConditionalPlanarFlow",
     "LinearField",
     "MLPField",
     "PlanarFlow",
@@ -21,6 +23,7 @@ __all__ = [
     "StandardNormal",
     "TrainSettings",
     "TrainingError",
+    "TransformedFlow",
     "__version__",
     "evaluate_nll",
     "exact_divergence",

@@ -33,13 +33,31 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
                 "this checkpoint's CNF has a custom velocity field that cannot be rebuilt from its "
                 "config; pass the flow to restore into: load_checkpoint(path, flow=my_flow)"
             )
+        field_config = dict(config["field"])
+        field_kind = field_config.pop("kind", "mlp")
+        if field_kind == "conv":
+            from cnf.fields.conv import ConvField
+
+            field = ConvField(**field_config)
+        else:
+            field = MLPField(**field_config)
         return CNF(
-            MLPField(**config["field"]),
+            field,
             config["dim"],
             divergence=config["divergence"],
             noise=config["noise"],
             solver=Solver.from_dict(config["solver"]),
         )
+    if kind == "multiscale":
+        from cnf.multiscale import MultiScaleCNF
+
+        return MultiScaleCNF.from_config(config)
+    if kind == "transformed":  # a flow with its preprocessing (cnf.transforms)
+        from cnf.transforms import TransformedFlow, build_transform
+
+        if config.get("flow") is None:
+            raise ValueError("this checkpoint's preprocessed flow wraps a custom flow; pass flow= to restore into")
+        return TransformedFlow(build_flow(config["flow"]), build_transform(config["preprocess"]))
     if kind == "planar":
         from cnf.planar import PlanarFlow
 

@@ -20,12 +20,14 @@ import torch
 from cnf import __version__, tuning
 from cnf.checkpoint import load_checkpoint
 from cnf.data import load_data, split
+from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES
 from cnf.planar import PlanarFlow
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
+from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
@@ -40,7 +42,11 @@ def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
 
 
 def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Train/validation/test sets: fresh seeded samples for a dataset name, a split for a file."""
+    """Train/validation/test sets: fresh seeded samples for a toy name, the fixed split of a real
+    dataset (:mod:`cnf.data.real`), a seeded split for a file."""
+    if source in REAL_DATASETS:
+        data = load_real(source)
+        return data.train, data.val, data.test
     if Path(source).suffix.lower() in (".npy", ".csv"):
         return split(load_data(source), seed=seed)
     train_set = load_data(source, n=n_train, seed=seed)
@@ -49,24 +55,47 @@ def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, tor
     return train_set, val_set, test_set
 
 
+def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
+    """Data to score: a file's rows, a real dataset's test split, or n seeded toy samples."""
+    if source in REAL_DATASETS:
+        return load_real(source).test
+    if Path(source).suffix.lower() in (".npy", ".csv"):
+        return load_data(source)
+    return load_data(source, n=n, seed=seed)
+
+
 def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
-    """Test NLL in nats, NFE of the scoring solve and seconds, all from one pass."""
+    """Test NLL in nats (data units), NFE of the scoring solve and seconds, all from one pass;
+    bits per dimension too for discrete data (a flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
         log_prob = flow.log_prob(data)
     seconds = time.perf_counter() - start
-    return {
+    metrics = {
         "nll": -log_prob.mean().item(),
         "nfe": flow.stats.nfe_forward,
         "seconds": seconds,
         "n": int(data.shape[0]),
     }
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(log_prob.mean(), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def preprocessed(args: argparse.Namespace, flow: torch.nn.Module, train_set: torch.Tensor) -> torch.nn.Module:
+    """Wrap ``flow`` with the preprocessing the data need (or that the flags ask for), saying which."""
+    levels = args.levels if args.levels is not None else LEVELS.get(args.data)
+    preprocess, notes = choose_preprocessing(train_set, args.preprocess, levels=levels, alpha=args.alpha)
+    for note in notes:
+        print(f"preprocessing ({args.preprocess}): {note}")
+    return flow if preprocess is None else TransformedFlow(flow, preprocess)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
     torch.manual_seed(args.seed)
-    flow = build_model(args, train_set.shape[1])
+    flow = preprocessed(args, build_model(args, train_set.shape[1]), train_set)
     settings = TrainSettings(
         iters=args.iters,
         batch_size=args.batch_size,
@@ -95,12 +124,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "test_n": metrics["n"],
         "checkpoint": str(result.checkpoint),
     }
+    if "bits_per_dim" in metrics:
+        summary["test_bits_per_dim"] = metrics["bits_per_dim"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
         f"trained {args.model} on {args.data}: {result.step} steps in {result.seconds:.1f} s "
         f"(stopped by {result.stopped_by})\n"
         f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
-        f"on {metrics['n']} points, NFE {metrics['nfe']}\n"
+        f"on {metrics['n']} points, NFE {metrics['nfe']}"
+        + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
+        + "\n"
         f"checkpoint: {result.checkpoint}"
     )
     if args.plot:
@@ -115,10 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     flow, payload = load_checkpoint(args.checkpoint)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
-    if Path(args.data).suffix.lower() in (".npy", ".csv"):
-        data = load_data(args.data)
-    else:
-        data = load_data(args.data, n=args.n, seed=args.seed)
+    data = load_eval_data(args.data, args.n, args.seed)
     metrics = timed_nll(flow, data)
     if args.json:
         print(json.dumps(metrics))
@@ -126,6 +156,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(
             f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
+            + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
     return 0
 
@@ -157,10 +188,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
     n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
-    if Path(args.data).suffix.lower() in (".npy", ".csv"):
-        data = load_data(args.data)[:n]
-    else:
-        data = load_data(args.data, n=n, seed=args.seed)
+    data = load_eval_data(args.data, n, args.seed)[:n]
     result = tuning.tune(
         flow,
         data,
@@ -197,10 +225,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     data = None
     if args.data is not None:
-        if Path(args.data).suffix.lower() in (".npy", ".csv"):
-            data = load_data(args.data)
-        else:
-            data = load_data(args.data, n=args.n, seed=TEST_SEED)
+        data = load_eval_data(args.data, args.n, TEST_SEED)
     planar = None
     if args.planar is not None:
         planar, _ = load_checkpoint(args.planar)
@@ -235,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="fit a flow by maximum likelihood and save a checkpoint")
-    p.add_argument("--data", default="moons", help="dataset name or .npy/.csv file (default moons)")
+    p.add_argument(
+        "--data",
+        default="moons",
+        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)",
+    )
     p.add_argument("--model", choices=("cnf", "planar"), default="cnf")
     p.add_argument("--iters", type=int, default=3000)
     p.add_argument("--time-limit", type=positive_float, default=90.0, help="wall-clock limit in seconds")
@@ -274,6 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sigma-min", type=float, default=DEFAULT_SIGMA_MIN, help="flow-matching path width at t=1"
     )
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        help="auto (detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
+        f"none, or a comma-separated subset of {','.join(STEPS)}",
+    )
+    p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
+    p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
     p.set_defaults(run=cmd_train)
 
@@ -360,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as error:
         print(f"cnf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

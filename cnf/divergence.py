@@ -26,8 +26,11 @@ BATCHED_EXACT_FROM_DIM = 16
 
 
 def exact_divergence(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
-    """Trace of df/dx per sample, computed exactly (d vector-Jacobian products)."""
-    if not create_graph and x.shape[1] >= BATCHED_EXACT_FROM_DIM:
+    """Trace of df/dx per sample, computed exactly (d vector-Jacobian products).
+
+    ``x`` may have any shape ``(batch, ...)`` (images): d is then the number of entries per sample.
+    """
+    if not create_graph and x[0].numel() >= BATCHED_EXACT_FROM_DIM:
         return exact_divergence_batched(f, x, create_graph)
     return exact_divergence_loop(f, x, create_graph)
 
@@ -35,21 +38,23 @@ def exact_divergence(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> to
 def exact_divergence_loop(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """Exact divergence by one ``autograd.grad`` call per coordinate."""
     total = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(x.shape[1]):
-        (grad,) = torch.autograd.grad(f[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
-        total = total + grad[:, i]
+    f_flat = f.reshape(x.shape[0], -1)
+    for i in range(f_flat.shape[1]):
+        (grad,) = torch.autograd.grad(f_flat[:, i].sum(), x, create_graph=create_graph, retain_graph=True)
+        total = total + grad.reshape(x.shape[0], -1)[:, i]
     return total
 
 
 def exact_divergence_batched(f: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """Exact divergence by one batched ``autograd.grad`` over the d basis vectors."""
-    dim = x.shape[1]
-    basis = torch.eye(dim, dtype=x.dtype, device=x.device).unsqueeze(1).expand(dim, *x.shape)
+    batch, dim = x.shape[0], x[0].numel()
+    eye = torch.eye(dim, dtype=x.dtype, device=x.device)
+    basis = eye.reshape(dim, 1, *x.shape[1:]).expand(dim, *x.shape)
     (grads,) = torch.autograd.grad(
         f, x, basis, create_graph=create_graph, retain_graph=True, is_grads_batched=True
     )
-    # grads[i, n, j] = d f_i / d x_j at sample n; the trace takes i == j.
-    return torch.diagonal(grads, dim1=0, dim2=2).sum(-1)
+    # grads[i, n, j] = d f_i / d x_j at sample n (entries flattened); the trace takes i == j.
+    return torch.diagonal(grads.reshape(dim, batch, dim), dim1=0, dim2=2).sum(-1)
 
 
 def hutchinson_divergence(
@@ -57,7 +62,7 @@ def hutchinson_divergence(
 ) -> torch.Tensor:
     """Unbiased estimate eps^T (df/dx) eps with a fixed probe eps of the same shape as x."""
     (vjp,) = torch.autograd.grad(f, x, probe, create_graph=create_graph, retain_graph=True)
-    return (vjp * probe).sum(dim=1)
+    return (vjp * probe).flatten(1).sum(dim=1)
 
 
 def draw_probe(like: torch.Tensor, noise: str, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnf.context import check_context, context_dim_of
 from cnf.data import check_batch
+from cnf.data.checks import check_event_shape
 from cnf.divergence import (
     DIVERGENCES,
     NOISES,
@@ -33,19 +35,25 @@ from cnf.solver import Solver, SolveStats, solve
 
 
 class StandardNormal(nn.Module):
-    """N(0, I) on R^dim that follows the module's device and dtype."""
+    """N(0, I) on R^dim (or on tensors of shape ``dim`` when it is a tuple such as (C, H, W))
+    that follows the module's device and dtype."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int | tuple[int, ...]) -> None:
         super().__init__()
         self.dim = dim
+        self.event_shape = tuple(dim) if isinstance(dim, tuple) else (dim,)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
+        event_dims = tuple(range(-len(self.event_shape), 0))
+        size = math.prod(self.event_shape)
+        return -0.5 * z.pow(2).sum(event_dims) - 0.5 * size * math.log(2 * math.pi)
 
     def sample(self, shape: Sequence[int] = (), generator: torch.Generator | None = None) -> torch.Tensor:
         anchor = self._anchor
-        return torch.randn((*shape, self.dim), dtype=anchor.dtype, device=anchor.device, generator=generator)
+        return torch.randn(
+            (*shape, *self.event_shape), dtype=anchor.dtype, device=anchor.device, generator=generator
+        )
 
 
 def base_log_prob(base: Any, z: torch.Tensor) -> torch.Tensor:
@@ -62,7 +70,7 @@ def base_sample(base: Any, n: int, generator: torch.Generator | None = None) -> 
     return base.sample((n,))
 
 
-def check_base(base: Any, dim: int) -> Any:
+def check_base(base: Any, dim: int | tuple[int, ...]) -> Any:
     if base is None:
         return StandardNormal(dim)
     if not (callable(getattr(base, "log_prob", None)) and callable(getattr(base, "sample", None))):
@@ -77,7 +85,9 @@ class AugmentedDynamics(nn.Module):
     d/dt of ||u||^2 and of ||probe^T du/dx||^2, the latter from the same vector-Jacobian
     product as the Hutchinson divergence (``probe`` is then required, also for ``exact``).
     For the exact divergence a field with ``velocity_and_divergence`` (MLPField with a named
-    activation) supplies u and div u itself, from one forward-mode pass.
+    activation) supplies u and div u itself, from one forward-mode pass. A ``context`` (checked,
+    (1, k) or (batch, k)) is handed to the field on every evaluation: an argument of this one
+    solve's dynamics, never stored on the field.
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class AugmentedDynamics(nn.Module):
         divergence: str,
         probe: torch.Tensor | None,
         regularization: bool = False,
+        context: torch.Tensor | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -95,6 +106,7 @@ class AugmentedDynamics(nn.Module):
         self.divergence = divergence
         self.probe = probe
         self.regularization = regularization
+        self.field_kwargs = {} if context is None else {"context": context}
         self.compile = compile
         # A field that knows its own exact divergence (MLPField) skips autograd altogether.
         self.analytic = (
@@ -108,13 +120,13 @@ class AugmentedDynamics(nn.Module):
         x = state[0]
         if self.analytic:
             if self.compile:
-                return self.field.velocity_and_divergence(t, x, compiled=True)
-            return self.field.velocity_and_divergence(t, x)
+                return self.field.velocity_and_divergence(t, x, **self.field_kwargs, compiled=True)
+            return self.field.velocity_and_divergence(t, x, **self.field_kwargs)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
             if not create_graph or not x.requires_grad:
                 x = x.detach().requires_grad_(True)
-            f = self.field(t, x)
+            f = self.field(t, x, **self.field_kwargs)
             jac = None
             if not f.requires_grad:  # the field does not depend on x
                 div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -125,7 +137,7 @@ class AugmentedDynamics(nn.Module):
                 if self.divergence == "exact":
                     div = exact_divergence(f, x, create_graph)
                 else:
-                    div = (vjp * self.probe).sum(dim=1)
+                    div = (vjp * self.probe).flatten(1).sum(dim=1)
             elif self.divergence == "exact":
                 div = exact_divergence(f, x, create_graph)
             else:
@@ -139,14 +151,15 @@ class AugmentedDynamics(nn.Module):
 
 
 class PositionDynamics(nn.Module):
-    """dx/dt = u(x, t) alone: sampling and inverses need no divergence."""
+    """dx/dt = u(x, t) (or u(x, t, c)) alone: sampling and inverses need no divergence."""
 
-    def __init__(self, field: nn.Module) -> None:
+    def __init__(self, field: nn.Module, context: torch.Tensor | None = None) -> None:
         super().__init__()
         self.field = field
+        self.field_kwargs = {} if context is None else {"context": context}
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.field(t, x)
+        return self.field(t, x, **self.field_kwargs)
 
 
 class CNF(nn.Module):
@@ -154,12 +167,19 @@ class CNF(nn.Module):
 
     Args:
         field: an ``nn.Module`` with ``forward(t, x)`` returning a tensor shaped like x.
-        dim: data dimension (default: ``field.dim``).
+        dim: data dimension (default: ``field.dim``), or a shape tuple such as (C, H, W) for
+            image-shaped states (then x has shape (n, C, H, W) and the divergence is the trace
+            over all C*H*W entries).
         base: the base distribution p0 (default: standard normal); any object with
             ``log_prob`` and ``sample``, e.g. a ``torch.distributions.Distribution``.
         divergence: ``exact`` (trace of the Jacobian) or ``hutchinson`` (one probe per solve).
         noise: Hutchinson probe distribution, ``gaussian`` or ``rademacher``.
         solver: a :class:`cnf.Solver` (default dopri5 at rtol=atol=1e-5).
+
+    Conditional flows p(x | c): with a field that has ``context_dim=k`` (e.g.
+    ``MLPField(dim, context_dim=k)``, or any field with ``forward(t, x, context)`` and a
+    ``context_dim`` attribute) every method takes ``context=``: shape (k,) for the whole batch
+    or (batch, k) per sample; ``sample(n, context=c)`` with c (B, k) returns (n, B, dim).
     """
 
     kind = "cnf"
@@ -167,7 +187,7 @@ class CNF(nn.Module):
     def __init__(
         self,
         field: nn.Module,
-        dim: int | None = None,
+        dim: int | tuple[int, ...] | None = None,
         *,
         base: Any = None,
         divergence: str = "exact",
@@ -186,10 +206,14 @@ class CNF(nn.Module):
         if not isinstance(solver, Solver):
             raise TypeError(f"solver must be a cnf.Solver, got {solver!r}")
         dim = getattr(field, "dim", None) if dim is None else dim
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, (tuple, list, torch.Size)):
+            dim = check_event_shape(dim)
+        elif isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int (or field.dim must exist), got {dim!r}")
         self.field = field
         self.dim = dim
+        self.event_shape = dim if isinstance(dim, tuple) else (dim,)
+        self.context_dim = context_dim_of(field)
         self.base = check_base(base, dim)
         self.divergence = divergence
         self.noise = noise
@@ -215,6 +239,9 @@ class CNF(nn.Module):
             raise ValueError(f"probe must have the shape of x {tuple(x.shape)}, got {tuple(probe.shape)}")
         return probe
 
+    def _context(self, context: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        return check_context(context, self.context_dim, x.shape[0], x)
+
     def _augmented_solve(
         self,
         x: torch.Tensor,
@@ -223,13 +250,23 @@ class CNF(nn.Module):
         name: str,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        probe = self._probe(x, generator, probe)
         dynamics = AugmentedDynamics(
-            self.field, self.divergence, self._probe(x, generator, probe), compile=self.solver.compile
+            self.field, self.divergence, probe, context=context, compile=self.solver.compile
         )
         a0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         self.stats = SolveStats()
-        xs, a = solve(dynamics, (x, a0), self._times(start, end, x), self.solver, self.stats, name=name)
+        xs, a = solve(
+            dynamics,
+            (x, a0),
+            self._times(start, end, x),
+            self.solver,
+            self.stats,
+            name=name,
+            arguments=(context,),
+        )
         return xs[-1], a[-1]
 
     @staticmethod
@@ -247,17 +284,18 @@ class CNF(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """log p_t(x) per sample (default t=1: the model density), shape (batch,).
+        """log p_t(x) (or log p_t(x | c)) per sample (default t=1: the model density), shape (batch,).
 
         Solves the augmented state from t back to 0. With ``divergence="hutchinson"`` one probe
         is drawn per call (from ``generator`` if given) and held fixed during the solve.
         """
-        z, delta_logp = self.transform(x, t, generator=generator, probe=probe)
+        z, delta_logp = self.transform(x, t, generator=generator, probe=probe, context=context)
         return base_log_prob(self.base, z) + delta_logp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob(x)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_prob(x, context=context)
 
     def regularized_log_prob(
         self,
@@ -265,6 +303,7 @@ class CNF(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """log p1(x) and the RNODE integrals along each path, all of shape (batch,).
 
@@ -275,13 +314,14 @@ class CNF(nn.Module):
         a Gaussian probe is drawn for this term (or ``probe`` is used). Finlay et al. (2020).
         """
         check_batch(x, self.dim, "x")
+        context = self._context(context, x)
         if self.divergence == "hutchinson":
             eps = self._probe(x, generator, probe)
         elif probe is not None:
             eps = self._probe_shape(x, probe)
         else:
             eps = draw_probe(x, "gaussian", generator)
-        dynamics = AugmentedDynamics(self.field, self.divergence, eps, regularization=True)
+        dynamics = AugmentedDynamics(self.field, self.divergence, eps, regularization=True, context=context)
         zeros = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         self.stats = SolveStats()
         z, a, kinetic, jacobian = solve(
@@ -292,6 +332,7 @@ class CNF(nn.Module):
             self.stats,
             name="scoring",
             norm=tracked_norm,
+            arguments=(context,),
         )
         # Integrated from t=1 back to 0: each state ends at minus its integral over [0, 1].
         return base_log_prob(self.base, z[-1]) + a[-1], -kinetic[-1], -jacobian[-1]
@@ -303,23 +344,34 @@ class CNF(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> base: ``(z, delta_logp)`` with log p_t(x) = log p0(z) + delta_logp."""
         check_batch(x, self.dim, "x")
+        context = self._context(context, x)
         t = self._check_time(t)
         if t == 0.0:
             return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return self._augmented_solve(x, t, 0.0, "scoring", generator, probe)
+        return self._augmented_solve(x, t, 0.0, "scoring", generator, probe, context)
 
-    def inverse(self, z: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    def inverse(
+        self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Base -> data: solve dx/dt = u from 0 to t (no divergence needed)."""
         check_batch(z, self.dim, "z")
+        context = self._context(context, z)
         t = self._check_time(t)
         if t == 0.0:
             return z
         self.stats = SolveStats()
         xs = solve(
-            PositionDynamics(self.field), z, self._times(0.0, t, z), self.solver, self.stats, name="sampling"
+            PositionDynamics(self.field, context),
+            z,
+            self._times(0.0, t, z),
+            self.solver,
+            self.stats,
+            name="sampling",
+            arguments=(context,),
         )
         return xs[-1]
 
@@ -329,31 +381,56 @@ class CNF(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Base -> data with densities: ``(x, log p1(x))`` from one forward solve 0 -> 1."""
         check_batch(z, self.dim, "z")
-        x, a = self._augmented_solve(z, 0.0, 1.0, "sampling", generator, probe)
+        context = self._context(context, z)
+        x, a = self._augmented_solve(z, 0.0, 1.0, "sampling", generator, probe, context)
         # a(1) = integral_0^1 div u, so log p1(x1) = log p0(z) - a(1).
         return x, base_log_prob(self.base, z) - a
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples of p1, shape (n, dim)."""
-        return self.inverse(self._base_sample(n, generator))
+    def sample(
+        self, n: int, *, generator: torch.Generator | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``n`` samples of p1, shape (n, dim); with c of shape (B, k), (n, B, dim): n samples of
+        each p(x | c_b), all from one batched solve."""
+        z, context, shape = self._conditional_base_sample(n, generator, context)
+        return self.inverse(z, context=context).reshape(*shape, *self.event_shape)
 
     def sample_and_log_prob(
-        self, n: int, *, generator: torch.Generator | None = None
+        self, n: int, *, generator: torch.Generator | None = None, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` samples and their log densities (differentiable: used by variational inference)."""
-        return self.inverse_and_log_prob(self._base_sample(n, generator), generator=generator)
+        """``n`` samples and their log densities (differentiable: used by variational inference);
+        shapes (n, dim) and (n,), or (n, B, dim) and (n, B) for a context of shape (B, k)."""
+        z, context, shape = self._conditional_base_sample(n, generator, context)
+        x, log_prob = self.inverse_and_log_prob(z, generator=generator, context=context)
+        return x.reshape(*shape, *self.event_shape), log_prob.reshape(shape)
+
+    def _conditional_base_sample(
+        self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+        """Base points for ``sample``: n, or n * B rows with each context repeated n times."""
+        z = self._base_sample(n, generator)
+        if context is None or (isinstance(context, torch.Tensor) and context.ndim == 1):
+            return z, context, (n,)
+        context = check_context(context, self.context_dim, None, z)
+        batch = context.shape[0]
+        if batch > 1:
+            z = torch.cat([z, self._base_sample(n * (batch - 1), generator)])
+        return z, context.repeat(n, 1), (n, batch)
 
     def _base_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         return base_sample(self.base, n, generator)
 
-    def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    def trajectory(
+        self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Positions of the points x0 (at t=0) at the times ``ts``: shape (len(ts), batch, dim)."""
         check_batch(x0, self.dim, "x0")
+        context = self._context(context, x0)
         times = torch.as_tensor(ts, dtype=x0.dtype, device=x0.device).flatten()
         if times.numel() == 0 or not torch.isfinite(times).all():
             raise ValueError(f"ts must be a non-empty sequence of finite times, got {ts!r}")
@@ -368,7 +445,15 @@ class CNF(nn.Module):
         if grid.numel() == 1:
             path = x0.unsqueeze(0)
         else:
-            path = solve(PositionDynamics(self.field), x0, grid, self.solver, self.stats, name="trajectory")
+            path = solve(
+                PositionDynamics(self.field, context),
+                x0,
+                grid,
+                self.solver,
+                self.stats,
+                name="trajectory",
+                arguments=(context,),
+            )
         if sorted_times[0] > 0:
             path = path[1:]
         result = torch.empty_like(path)
@@ -380,7 +465,7 @@ class CNF(nn.Module):
         field_config = self.field.config() if callable(getattr(self.field, "config", None)) else None
         return {
             "kind": self.kind,
-            "dim": self.dim,
+            "dim": list(self.dim) if isinstance(self.dim, tuple) else self.dim,
             "field": field_config,
             "divergence": self.divergence,
             "noise": self.noise,

@@ -8,6 +8,10 @@
 - ``ot_flow_matching``: the same loss with base and data samples paired per batch by an exact
   optimal assignment on squared distances (OT-CFM, Tong et al. 2023).
 
+Every loss takes ``context=`` for a conditional flow p(x | c): c of shape (k,) or (batch, k),
+the batch's contexts. OT pairing then happens only within groups of equal context
+(:func:`ot_pairing_within_contexts`), so that x0 given c stays the base distribution.
+
 Flow matching needs no ODE solve: one evaluation of the velocity field per sample at a random
 time. The likelihood of a model trained by it is still computed exactly by the continuity
 equation (:meth:`cnf.CNF.log_prob`).
@@ -26,6 +30,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from cnf.context import check_context, context_dim_of
 from cnf.flow import base_sample
 from cnf.regularizers import check_weight, rnode_penalty
 from cnf.solver import SolveStats
@@ -38,7 +43,12 @@ DEFAULT_SIGMA_MIN = 1e-4
 
 
 def nll_loss(
-    flow: nn.Module, batch: torch.Tensor, *, kinetic_weight: float = 0.0, jacobian_weight: float = 0.0
+    flow: nn.Module,
+    batch: torch.Tensor,
+    *,
+    kinetic_weight: float = 0.0,
+    jacobian_weight: float = 0.0,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean negative log-likelihood -E[log p1(x)] of the batch in nats, plus RNODE penalties.
 
@@ -47,15 +57,16 @@ def nll_loss(
     states (:meth:`cnf.CNF.regularized_log_prob`) and added with RNODE's scaling
     (:func:`cnf.regularizers.rnode_penalty`).
     """
+    conditional = {} if context is None else {"context": context}
     if not kinetic_weight and not jacobian_weight:
-        return -flow.log_prob(batch).mean()
+        return -flow.log_prob(batch, **conditional).mean()
     if not callable(getattr(flow, "regularized_log_prob", None)):
         raise TypeError(
             f"kinetic_weight/jacobian_weight need a CNF (a flow with regularized_log_prob), "
             f"got {type(flow).__name__}"
         )
-    log_prob, kinetic, jacobian = flow.regularized_log_prob(batch)
-    penalty = rnode_penalty(kinetic, jacobian, batch.shape[1], kinetic_weight, jacobian_weight)
+    log_prob, kinetic, jacobian = flow.regularized_log_prob(batch, **conditional)
+    penalty = rnode_penalty(kinetic, jacobian, batch[0].numel(), kinetic_weight, jacobian_weight)
     return -log_prob.mean() + penalty
 
 
@@ -67,7 +78,7 @@ def conditional_path(
     x_t = (1 - (1 - sigma_min) t) x0 + t x1 and u_t = x1 - (1 - sigma_min) x0, with x0 from the
     base at t=0 and x1 from the data at t=1; ``t`` has shape (batch,).
     """
-    tt = t.reshape(-1, 1)
+    tt = t.reshape(-1, *[1] * (x0.ndim - 1))  # broadcasts over (batch, d) or images (batch, C, H, W)
     xt = (1 - (1 - sigma_min) * tt) * x0 + tt * x1
     ut = x1 - (1 - sigma_min) * x0
     return xt, ut
@@ -81,11 +92,33 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    cost = torch.cdist(x1.detach().double(), x0.detach().double()).pow(2).cpu().numpy()
+    cost = torch.cdist(x1.detach().flatten(1).double(), x0.detach().flatten(1).double()).pow(2).cpu().numpy()
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(x1.shape[0], dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm).to(x0.device)
+
+
+def ot_pairing_within_contexts(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """:func:`ot_pairing` restricted to rows of equal context: ``perm`` permutes x0 only inside
+    each group of identical context rows, so x0 stays independent of c.
+
+    Pairing across contexts would make x0 depend on c (x0 near the data of its own context) and
+    bias the learnt p(x | c). Discrete labels form groups; continuous contexts, all distinct,
+    form singletons, which is the independent coupling. ``context`` (n, k), or (1, k) / None for
+    one context shared by the batch (one group)."""
+    if context is None or context.shape[0] == 1:
+        return ot_pairing(x0, x1)
+    _, groups = torch.unique(context.detach(), dim=0, return_inverse=True)
+    n_groups = int(groups.max()) + 1
+    perm = torch.arange(x1.shape[0], device=x0.device)
+    if n_groups == x1.shape[0]:  # all contexts distinct: independent coupling
+        return perm
+    for g in range(n_groups):
+        rows = (groups == g).nonzero().flatten()
+        if rows.numel() > 1:
+            perm[rows] = rows[ot_pairing(x0[rows], x1[rows])]
+    return perm
 
 
 def _check_sigma_min(sigma_min: float) -> float:
@@ -103,13 +136,19 @@ def flow_matching_loss(
     sigma_min: float = DEFAULT_SIGMA_MIN,
     coupling: str = "independent",
     generator: torch.Generator | None = None,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Conditional flow-matching loss E ||u_theta(x_t, t) - u_t||^2 (Lipman et al. 2023).
 
     x1 is the batch, x0 ~ base, t ~ U(0, 1) per sample; ``coupling="ot"`` pairs x0 with x1 by
-    :func:`ot_pairing` (Tong et al. 2023). Squared error summed over coordinates, averaged over
-    the batch. The field is called with a per-sample time tensor of shape (batch,).
+    :func:`ot_pairing` (Tong et al. 2023), within groups of equal ``context`` for a conditional
+    flow. Squared error summed over coordinates, averaged over the batch. The field is called
+    with a per-sample time tensor of shape (batch,) (and the context).
     """
+    preprocess = getattr(flow, "preprocess", None)
+    if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
+        batch, _ = preprocess(batch, generator=generator)
+        flow = flow.flow
     field = getattr(flow, "field", None)
     if not isinstance(field, nn.Module) or not hasattr(flow, "base"):
         raise TypeError(
@@ -119,13 +158,15 @@ def flow_matching_loss(
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
     sigma_min = _check_sigma_min(sigma_min)
     n = batch.shape[0]
+    context = check_context(context, context_dim_of(flow), n, batch)
     x0 = base_sample(flow.base, n, generator).to(batch)
     if coupling == "ot":
-        x0 = x0[ot_pairing(x0, batch)]
+        x0 = x0[ot_pairing_within_contexts(x0, batch, context)]
     t = torch.rand(n, dtype=batch.dtype, device=batch.device, generator=generator)
     xt, ut = conditional_path(x0, batch, t, sigma_min)
     flow.stats = SolveStats(nfe_forward=1, solve="flow_matching")
-    return (field(t, xt) - ut).pow(2).sum(dim=1).mean()
+    velocity = field(t, xt) if context is None else field(t, xt, context=context)
+    return (velocity - ut).pow(2).flatten(1).sum(dim=1).mean()
 
 
 COUPLINGS = ("independent", "ot")
@@ -137,9 +178,12 @@ def ot_flow_matching_loss(
     *,
     sigma_min: float = DEFAULT_SIGMA_MIN,
     generator: torch.Generator | None = None,
+    context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flow matching with the minibatch optimal-transport coupling (OT-CFM, Tong et al. 2023)."""
-    return flow_matching_loss(flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator)
+    return flow_matching_loss(
+        flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator, context=context
+    )
 
 
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {

@@ -20,6 +20,10 @@ constant-in-time field u(x, t) = K h(w_k . x + b_k) u_hat_k, k = floor(t K)
 (:meth:`PlanarFlow.as_field`). The Euler estimate of the log-density integrates the divergence
 K h' u_hat_k . w_k, i.e. replaces log(1 + s) by s per layer, an O(1/K) error overall.
 
+Conditional variant (:class:`ConditionalPlanarFlow`): each layer's (w, b, u) are the learnt
+ones plus a small network's output from the context c, with the u-hat constraint applied per
+sample, so every p(x | c) is an invertible planar flow.
+
 Reference: Rezende & Mohamed (2015), "Variational Inference with Normalizing Flows".
 """
 
@@ -32,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnf.context import check_context
 from cnf.data import check_batch
 from cnf.flow import base_log_prob, base_sample, check_base
 from cnf.solver import SolveStats
@@ -58,6 +63,14 @@ def _layer_count(t: torch.Tensor | float, layers: int) -> torch.Tensor:
 def _softplus_inverse(y: torch.Tensor) -> torch.Tensor:
     """log(exp(y) - 1) for y > 0, stable for large y."""
     return y + torch.log(-torch.expm1(-y))
+
+
+def u_hat(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """u + (m(w.u) - w.u) w / |w|^2 with m(a) = -1 + softplus(a), over the last axis: then
+    w . u_hat = m(w.u) > -1 and the layer is invertible (for any leading axes, e.g. per sample)."""
+    wu = (w * u).sum(-1)
+    m = F.softplus(wu) - 1
+    return u + ((m - wu) / (w * w).sum(-1)).unsqueeze(-1) * w
 
 
 def solve_planar_scalar(
@@ -115,6 +128,7 @@ class PlanarFlow(nn.Module):
     """
 
     kind = "planar"
+    context_dim: int | None = None
 
     def __init__(self, dim: int, layers: int, *, base: Any = None, activation: str = "tanh") -> None:
         super().__init__()
@@ -132,13 +146,22 @@ class PlanarFlow(nn.Module):
         self.stats = SolveStats()
 
     # -- parameters --------------------------------------------------------------------------
-    def layer_parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(w, b, u_hat)`` of all layers, with the invertibility reparameterisation applied."""
-        w, u = self.w, self.u
-        wu = (w * u).sum(-1)
-        m = F.softplus(wu) - 1
-        u_hat = u + ((m - wu) / (w * w).sum(-1)).unsqueeze(-1) * w
-        return w, self.b, u_hat
+    def layer_parameters(
+        self, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(w, b, u_hat)`` of all layers, with the invertibility reparameterisation applied:
+        shapes (K, dim), (K,), (K, dim) (with a leading batch axis for a conditional flow)."""
+        if context is not None:
+            raise ValueError(
+                f"context of shape {tuple(context.shape)} given to an unconditional PlanarFlow; "
+                "use ConditionalPlanarFlow for p(x | c)"
+            )
+        return self.w, self.b, u_hat(self.w, self.u)
+
+    def _parameters_for(
+        self, context: torch.Tensor | None, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.layer_parameters(check_context(context, self.context_dim, x.shape[0], x))
 
     @torch.no_grad()
     def set_layer(self, k: int, w: torch.Tensor, b: float | torch.Tensor, u_hat: torch.Tensor) -> None:
@@ -164,36 +187,41 @@ class PlanarFlow(nn.Module):
         self.u[k] = u_hat + (wu - m) / norm2 * w
 
     # -- the layers ---------------------------------------------------------------------------
-    def _forward_layers(self, z: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_layers(
+        self, z: torch.Tensor, count: int, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the first ``count`` layers to z: (x, sum of log|det J_k|)."""
-        w, b, u_hat = self.layer_parameters()
+        w, b, u_hat = self._parameters_for(context, z)
         m = (w * u_hat).sum(-1)
         x = z
         logdet = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         for k in range(count):
-            th = torch.tanh(x @ w[k] + b[k])
-            x = x + th.unsqueeze(-1) * u_hat[k]
-            logdet = logdet + torch.log1p((1 - th * th) * m[k])
+            th = torch.tanh((x * w[..., k, :]).sum(-1) + b[..., k])
+            x = x + th.unsqueeze(-1) * u_hat[..., k, :]
+            logdet = logdet + torch.log1p((1 - th * th) * m[..., k])
         self.stats = SolveStats(nfe_forward=count, steps=count, solve="sampling")
         return x, logdet
 
-    def _inverse_layers(self, x: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inverse_layers(
+        self, x: torch.Tensor, count: int, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Undo the first ``count`` layers (last one first): (z, sum of log|det J_k|)."""
-        w, b, u_hat = self.layer_parameters()
+        w, b, u_hat = self._parameters_for(context, x)
         m = (w * u_hat).sum(-1)
         y = x
         logdet = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         for k in reversed(range(count)):
-            c = y @ w[k] + b[k]
-            root = solve_planar_scalar(c, m[k])
+            c = (y * w[..., k, :]).sum(-1) + b[..., k]
+            m_k = m[..., k]
+            root = solve_planar_scalar(c, m_k)
             # One Newton step with gradients: its value is the root (to rounding) and, since
             # the residual vanishes there, its derivative is the implicit-function derivative.
             th = torch.tanh(root)
-            residual = root + m[k] * th - c
-            alpha = root - residual / (1 + m[k] * (1 - th * th))
+            residual = root + m_k * th - c
+            alpha = root - residual / (1 + m_k * (1 - th * th))
             th = torch.tanh(alpha)
-            y = y - th.unsqueeze(-1) * u_hat[k]
-            logdet = logdet + torch.log1p((1 - th * th) * m[k])
+            y = y - th.unsqueeze(-1) * u_hat[..., k, :]
+            logdet = logdet + torch.log1p((1 - th * th) * m_k)
         self.stats = SolveStats(nfe_forward=count, steps=count, solve="scoring")
         return y, logdet
 
@@ -211,17 +239,18 @@ class PlanarFlow(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """log p_t(x) per sample (default t=1: the model density), shape (batch,).
 
         Exact; ``generator`` and ``probe`` are accepted for the surface of :class:`cnf.CNF`
         and ignored. At time t the flow is the first floor(t K) layers.
         """
-        z, delta_logp = self.transform(x, t)
+        z, delta_logp = self.transform(x, t, context=context)
         return base_log_prob(self.base, z) + delta_logp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.log_prob(x)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.log_prob(x, context=context)
 
     def transform(
         self,
@@ -230,16 +259,17 @@ class PlanarFlow(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Data -> base: ``(z, delta_logp)`` with log p_t(x) = log p0(z) + delta_logp."""
         check_batch(x, self.dim, "x")
-        z, logdet = self._inverse_layers(x, self._count(t))
+        z, logdet = self._inverse_layers(x, self._count(t), context)
         return z, -logdet
 
-    def inverse(self, z: torch.Tensor, t: float = 1.0) -> torch.Tensor:
+    def inverse(self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None) -> torch.Tensor:
         """Base -> data: apply the first floor(t K) layers (all by default)."""
         check_batch(z, self.dim, "z")
-        return self._forward_layers(z, self._count(t))[0]
+        return self._forward_layers(z, self._count(t), context)[0]
 
     def inverse_and_log_prob(
         self,
@@ -247,21 +277,39 @@ class PlanarFlow(nn.Module):
         *,
         generator: torch.Generator | None = None,
         probe: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Base -> data with densities: ``(x, log p1(x))``; no root finding needed."""
         check_batch(z, self.dim, "z")
-        x, logdet = self._forward_layers(z, self.layers)
+        x, logdet = self._forward_layers(z, self.layers, context)
         return x, base_log_prob(self.base, z) - logdet
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples of p1, shape (n, dim)."""
-        return self.inverse(self._base_sample(n, generator))
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``n`` samples of p1, shape (n, dim); (n, B, dim) for a context of shape (B, k)."""
+        z, context, shape = self._conditional_base_sample(n, generator, context)
+        return self.inverse(z, context=context).reshape(*shape, self.dim)
 
     def sample_and_log_prob(
-        self, n: int, generator: torch.Generator | None = None
+        self, n: int, generator: torch.Generator | None = None, *, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples and their log densities (differentiable: used by variational inference)."""
-        return self.inverse_and_log_prob(self._base_sample(n, generator))
+        z, context, shape = self._conditional_base_sample(n, generator, context)
+        x, log_prob = self.inverse_and_log_prob(z, context=context)
+        return x.reshape(*shape, self.dim), log_prob.reshape(shape)
+
+    def _conditional_base_sample(
+        self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+        z = self._base_sample(n, generator)
+        if context is None or (isinstance(context, torch.Tensor) and context.ndim == 1):
+            return z, context, (n,)
+        context = check_context(context, self.context_dim, None, z)
+        batch = context.shape[0]
+        if batch > 1:
+            z = torch.cat([z, self._base_sample(n * (batch - 1), generator)])
+        return z, context.repeat(n, 1), (n, batch)
 
     def _base_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -269,12 +317,15 @@ class PlanarFlow(nn.Module):
         z = base_sample(self.base, n, generator)
         return z.to(self.w.dtype) if z.is_floating_point() else z
 
-    def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    def trajectory(
+        self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Positions of x0 (at t=0) after floor(t K) layers for each t in ``ts``.
 
         Shape (len(ts), batch, dim); the grid times k/K give the layer outputs exactly.
         """
         check_batch(x0, self.dim, "x0")
+        w, b, u_hat = self._parameters_for(context, x0)
         times = torch.as_tensor(ts, dtype=torch.float64).flatten()
         if times.numel() == 0 or not torch.isfinite(times).all():
             raise ValueError(f"ts must be a non-empty sequence of finite times, got {ts!r}")
@@ -282,11 +333,10 @@ class PlanarFlow(nn.Module):
             raise ValueError(f"ts must lie in [0, 1], got {times.tolist()}")
         counts = _layer_count(times, self.layers).clamp(0, self.layers).tolist()
         last = max(counts)
-        w, b, u_hat = self.layer_parameters()
         positions = [x0]
         x = x0
         for k in range(last):
-            x = x + torch.tanh(x @ w[k] + b[k]).unsqueeze(-1) * u_hat[k]
+            x = x + torch.tanh((x * w[..., k, :]).sum(-1) + b[..., k]).unsqueeze(-1) * u_hat[..., k, :]
             positions.append(x)
         self.stats = SolveStats(nfe_forward=last, steps=last, solve="trajectory")
         return torch.stack([positions[c] for c in counts])
@@ -300,6 +350,63 @@ class PlanarFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, layers={self.layers}, activation={self.activation!r}"
+
+
+class ConditionalPlanarFlow(PlanarFlow):
+    """Planar flow of p(x | c): layer k's (w, b, u) are the learnt ones plus the output of a
+    small tanh network of the context, the u-hat constraint applied per sample.
+
+    Args:
+        dim, layers, base, activation: as :class:`PlanarFlow`.
+        context_dim: k, the context's size; every method takes ``context=`` of shape (k,) or
+            (batch, k) as :class:`cnf.CNF` does.
+        hidden: widths of the hidden layers of the context network.
+    """
+
+    kind = "conditional_planar"
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        context_dim: int,
+        *,
+        hidden: Sequence[int] = (64,),
+        base: Any = None,
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__(dim, layers, base=base, activation=activation)
+        self.context_dim = _check_positive_int("context_dim", context_dim)
+        self.hidden = tuple(_check_positive_int("hidden", h) for h in hidden)
+        widths = (context_dim, *self.hidden)
+        modules: list[nn.Module] = []
+        for a, b in zip(widths[:-1], widths[1:]):
+            modules += [nn.Linear(a, b), nn.Tanh()]
+        head = nn.Linear(widths[-1], layers * (2 * dim + 1))
+        with torch.no_grad():  # start near the unconditional flow: small context effects
+            head.weight.mul_(0.1)
+            head.bias.zero_()
+        self.context_net = nn.Sequential(*modules, head)
+
+    def layer_parameters(
+        self, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample ``(w, b, u_hat)`` of shapes (B, K, dim), (B, K), (B, K, dim) for a checked
+        context (B, k) (B = 1: one context for the batch)."""
+        if context is None:
+            raise ValueError(f"this flow is conditional (context_dim={self.context_dim}): pass context=")
+        layers, dim = self.layers, self.dim
+        out = self.context_net(context).reshape(-1, layers, 2 * dim + 1)
+        w = self.w + out[..., :dim]
+        u = self.u + out[..., dim : 2 * dim]
+        b = self.b + out[..., 2 * dim]
+        return w, b, u_hat(w, u)
+
+    def as_field(self) -> PlanarVelocityField:
+        raise NotImplementedError("the Euler-link field of a ConditionalPlanarFlow is not implemented")
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "context_dim": self.context_dim, "hidden": list(self.hidden)}
 
 
 class PlanarVelocityField(nn.Module):

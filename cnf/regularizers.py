@@ -38,12 +38,12 @@ def probe_vjp(f: torch.Tensor, x: torch.Tensor, probe: torch.Tensor, create_grap
 
 def kinetic_rate(f: torch.Tensor) -> torch.Tensor:
     """||u||^2 per sample: the integrand of the kinetic energy."""
-    return f.pow(2).sum(dim=1)
+    return f.pow(2).flatten(1).sum(dim=1)
 
 
 def jacobian_rate(vjp: torch.Tensor) -> torch.Tensor:
     """||eps^T du/dx||^2 per sample: an unbiased estimate of ||du/dx||_F^2."""
-    return vjp.pow(2).sum(dim=1)
+    return vjp.pow(2).flatten(1).sum(dim=1)
 
 
 def tracked_norm(state: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -223,11 +223,14 @@ def solve(
     *,
     name: str,
     norm: Callable[[Any], torch.Tensor] | None = None,
+    arguments: tuple[torch.Tensor | None, ...] = (),
 ) -> Any:
     """Integrate ``d state/dt = dynamics(t, state)`` over ``times``; the one torchdiffeq call.
 
     ``name`` (e.g. "scoring", "sampling") appears in error messages. ``norm`` is passed to
-    adaptive solvers to choose which states take part in step-size control.
+    adaptive solvers to choose which states take part in step-size control. ``arguments`` are
+    tensors the dynamics read besides the state (a context): the adjoint method returns their
+    gradients too, next to those of the dynamics' parameters.
     """
     if solver.is_adaptive:
         counted: CountedDynamics = CountedAdaptiveDynamics(dynamics, stats, solver)
@@ -267,6 +270,9 @@ def solve(
                 # The default adjoint norm already ignores the parameter-gradient states.
                 adjoint_options.pop("norm", None)
                 adjoint_options.pop("step_t", None)
+            extra = tuple(a for a in arguments if a is not None and a.requires_grad)
+            if extra:
+                kwargs["adjoint_params"] = (*counted.parameters(), *extra)
             result = odeint_adjoint(
                 counted,
                 state0,

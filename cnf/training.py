@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cnf.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cnf.context import check_context
 from cnf.data import check_batch
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, make_objective
 from cnf.solver import SolverError
@@ -115,13 +116,33 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def evaluate_nll(flow: nn.Module, data: torch.Tensor, batch_size: int = 10_000) -> float:
-    """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients."""
+def evaluate_nll(
+    flow: nn.Module, data: torch.Tensor, batch_size: int = 10_000, context: torch.Tensor | None = None
+) -> float:
+    """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients; with
+    ``context`` (one row per point, or one for all) the conditional NLL, mean of -log p(x | c)."""
     total = 0.0
     with torch.no_grad():
-        for chunk in torch.split(data, batch_size):
-            total += -flow.log_prob(chunk).sum().item()
+        for i, chunk in enumerate(torch.split(data, batch_size)):
+            kwargs = {} if context is None else {"context": _rows(context, i * batch_size, chunk.shape[0])}
+            total += -flow.log_prob(chunk, **kwargs).sum().item()
     return total / data.shape[0]
+
+
+def _rows(context: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """The contexts of rows start..start+count of the data (all of a shared (k,) context)."""
+    return context if context.ndim == 1 or context.shape[0] == 1 else context[start : start + count]
+
+
+def _float_if_dequantized(flow: nn.Module, data: torch.Tensor | None) -> torch.Tensor | None:
+    """Integer data (e.g. uint8 images) as floats of the flow's dtype when the flow dequantises
+    its input (a :class:`cnf.transforms.TransformedFlow`); anything else is left to check_batch."""
+    if not isinstance(data, torch.Tensor) or data.dtype.is_floating_point or data.dtype == torch.bool:
+        return data
+    if getattr(flow, "preprocess", None) is None:
+        return data
+    param = next(flow.parameters(), None)
+    return data.to(param.dtype if param is not None else torch.get_default_dtype())
 
 
 def _use_progress_bar(progress: bool | None) -> bool:
@@ -137,9 +158,15 @@ def train(
     out: str | Path | None = None,
     resume: str | Path | None = None,
     progress: bool | None = None,
+    context: torch.Tensor | None = None,
+    val_context: torch.Tensor | None = None,
     **overrides: Any,
 ) -> TrainResult:
-    """Train ``flow`` on ``data`` (n, dim) by the chosen objective with Adam.
+    """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
+    them (:func:`cnf.images.image_flow`), by the chosen objective with Adam.
+
+    A conditional flow p(x | c) takes ``context`` (n, k) with one row per data point (and
+    ``val_context`` for ``val_data``); each minibatch's rows go to the loss with their points.
 
     Args:
         settings: a :class:`TrainSettings`; keyword ``overrides`` (``iters=``, ``lr=``, ...)
@@ -152,9 +179,14 @@ def train(
     if overrides:
         settings = TrainSettings(**{**asdict(settings), **overrides})
     dim = getattr(flow, "dim", None)
+    data, val_data = _float_if_dequantized(flow, data), _float_if_dequantized(flow, val_data)
     check_batch(data, dim, "data")
     if val_data is not None:
         check_batch(val_data, dim, "val_data")
+    context_dim = getattr(flow, "context_dim", None)
+    context = check_context(context, context_dim, data.shape[0], data)
+    if val_data is not None:
+        val_context = check_context(val_context, context_dim, val_data.shape[0], val_data)
     loss_fn = settings.loss_function()
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     out_dir = Path(out) if out is not None else None
@@ -188,6 +220,8 @@ def train(
             )
 
     val_subset = val_data[: settings.val_size] if val_data is not None else None
+    if val_context is not None and val_context.shape[0] > 1:
+        val_context = val_context[: settings.val_size]
     n = data.shape[0]
     bar = tqdm(total=settings.iters, initial=step, disable=not _use_progress_bar(progress), unit="it")
     start = time.perf_counter() - elapsed
@@ -198,10 +232,12 @@ def train(
         if settings.time_limit is not None and time.perf_counter() - start >= settings.time_limit:
             stopped_by = "time_limit"
             break
-        batch = data[torch.randint(0, n, (min(settings.batch_size, n),))]
+        rows = torch.randint(0, n, (min(settings.batch_size, n),))
+        batch = data[rows]
+        batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
         optimizer.zero_grad(set_to_none=True)
         try:
-            loss = loss_fn(flow, batch)
+            loss = loss_fn(flow, batch, **batch_context)
             nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
             if not torch.isfinite(loss):
                 raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
@@ -238,7 +274,7 @@ def train(
             "nfe_backward": nfe_backward,
         }
         if val_subset is not None and (step % settings.val_every == 0 or step == settings.iters):
-            val_nll = evaluate_nll(flow, val_subset)
+            val_nll = evaluate_nll(flow, val_subset, context=val_context)
             record["val_nll"] = val_nll
             record["val_nfe"] = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
             flow.train()
@@ -254,7 +290,7 @@ def train(
             checkpoint()
     bar.close()
     if val_subset is not None and (not history or "val_nll" not in history[-1]):
-        val_nll = evaluate_nll(flow, val_subset)
+        val_nll = evaluate_nll(flow, val_subset, context=val_context)
         if history:
             history[-1]["val_nll"] = val_nll
             if log_path is not None:  # the log gets the final record again, now with val_nll

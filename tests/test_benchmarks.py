@@ -12,9 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import discrete_vs_continuous, divergence_forms, peers, scaling, train_toy, work_precision
+from benchmarks import (
+    conditional,
+    discrete_vs_continuous,
+    divergence_forms,
+    peers,
+    scaling,
+    train_toy,
+    work_precision,
+)
 
 BENCHMARKS = {
+    "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
@@ -36,6 +45,12 @@ def _read(out: Path, name: str) -> dict:
 def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     BENCHMARKS[name](["--quick", "--out", str(tmp_path)])
     payload = _read(tmp_path, name)
+    if name == "conditional":
+        rows = payload["rows"]
+        assert {r["task"] for r in rows} == {"rotated8gaussians", "mixture", "two_moons"}
+        assert all(r["true_nll"] is not None and r["two_se"] > 0 for r in rows if "excess_nll" in r)
+        assert any(r["model"] == "unconditional" for r in payload["sampling"])
+        assert all(r["ratio"] > 0 for r in payload["sampling"] if r["model"] == "cnf-ml")
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
     if name == "divergence_forms":

@@ -109,3 +109,11 @@ def test_roc_auc_and_p_values() -> None:
 def test_examples_do_nothing_at_import(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["example", "--no-such-option"])  # would fail if parsed at import
     assert callable(load_example(name).main)
+
+
+def test_conditional_quick(tmp_path: Path) -> None:
+    summary = load_example("conditional").main(["--quick", "--out", str(tmp_path)])
+    assert math.isfinite(summary["mixture_test_nll"])
+    assert summary["mixture_test_nll"] > summary["mixture_true_nll"] - 0.1  # nothing beats the truth
+    assert summary["digits_samples_shape"] == [2, 10, 64]
+    assert_pictures(tmp_path, ["conditional_densities.png", "digits_by_class.png"])

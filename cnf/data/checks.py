@@ -51,12 +51,23 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
     raise ValueError(f"{name} must be finite; got {n_nan} NaN and {n_inf} Inf entries, first in row {first}")
 
 
-def check_batch(x: torch.Tensor, dim: int | None = None, name: str = "x") -> torch.Tensor:
+def check_event_shape(dim: object, name: str = "dim") -> int | tuple[int, ...]:
+    """A data dimension ``d`` (flat points) or a shape tuple such as ``(C, H, W)`` (images)."""
+    if isinstance(dim, (tuple, list, torch.Size)):
+        if not dim:
+            raise ValueError(f"{name} must be a positive int or a non-empty shape tuple, got {dim!r}")
+        return tuple(_check_positive_int(s, name) for s in dim)
+    return _check_positive_int(dim, name)
+
+
+def check_batch(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, name: str = "x") -> torch.Tensor:
     """Validate a batch of points of shape ``(n, dim)`` before a solve; return it unchanged.
 
     Checks, in order: a :class:`torch.Tensor`, a floating dtype, two dimensions, at least one
     row and one column, ``x.shape[1] == dim`` when ``dim`` is given, and all entries finite.
-    Raises :class:`TypeError` or :class:`ValueError` naming ``name`` and echoing what was got.
+    ``dim`` may also be a shape tuple such as ``(C, H, W)``: then ``x`` must have shape
+    ``(n, *dim)``. Raises :class:`TypeError` or :class:`ValueError` naming ``name`` and echoing
+    what was got.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -64,6 +75,13 @@ def check_batch(x: torch.Tensor, dim: int | None = None, name: str = "x") -> tor
         raise TypeError(
             f"{name} must have a floating dtype, got {x.dtype}; use {name}.to(torch.float32) or torch.float64"
         )
+    if isinstance(dim, (tuple, list, torch.Size)):
+        shape = check_event_shape(dim)
+        if tuple(x.shape[1:]) != shape or x.shape[0] == 0:
+            expected = ", ".join(str(s) for s in shape)
+            raise ValueError(f"{name} must be a non-empty batch of shape (n, {expected}); got shape {tuple(x.shape)}")
+        _check_finite(x, name)
+        return x
     if x.ndim != 2:
         hint = f" — use {name}.unsqueeze(0) for one point" if x.ndim == 1 else ""
         raise ValueError(f"{name} must be a batch of shape (n, dim); got shape {tuple(x.shape)}{hint}")

@@ -2,10 +2,13 @@
 
 * :mod:`cnf.fields.mlp`: :class:`MLPField` (time-conditioned MLP with a forward-mode exact
   divergence), :class:`LinearField` (the analytic test case), :class:`AutogradField`.
+* :mod:`cnf.fields.conv`: :class:`ConvField` (concat-squash convolutions on images).
 """
 
+from cnf.fields.conv import ConcatSquashConv2d, ConvField
 from cnf.fields.mlp import (
     ACTIVATIONS,
+    CONTEXT_MODES,
     TIME_EMBEDDINGS,
     AutogradField,
     ConcatLinear,
@@ -18,8 +21,11 @@ from cnf.fields.mlp import (
 
 __all__ = [
     "ACTIVATIONS",
+    "CONTEXT_MODES",
     "TIME_EMBEDDINGS",
     "AutogradField",
+    "ConcatSquashConv2d",
+    "ConvField",
     "ConcatLinear",
     "ConcatSquashLinear",
     "LinearField",

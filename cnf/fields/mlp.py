@@ -8,6 +8,13 @@ When one time is shared by the batch (always, inside an ODE solve) each layer is
 map of x whose weight and bias depend on t only; :meth:`MLPField.velocity_and_divergence`
 uses that to carry the d Jacobian columns through the layers (forward mode) and returns the
 exact divergence from the same pass, without autograd.
+
+Conditional fields u(x, t, c) (``context_dim=k``): the context enters every layer. With
+``context_mode="concat"`` it is an extra per-sample bias W_c e(c) of each layer's
+pre-activation (concatenating c to the layer input), with ``"film"`` a per-sample scale and
+shift of each hidden layer's pre-activation (FiLM, Perez et al. 2018); e is an optional user
+``embedding`` module (identity by default), trained jointly. Neither changes how x enters,
+so the forward-mode divergence keeps its structure (FiLM scales the Jacobian columns).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from torch import nn
 
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
 TIME_EMBEDDINGS = ("concatsquash", "concat")
+CONTEXT_MODES = ("concat", "film")
 
 
 class ConcatSquashLinear(nn.Module):
@@ -107,15 +115,21 @@ _COMPILED_KERNELS: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]]
 COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "eager" (no codegen)
 
 
+Terms = Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
 def forward_mode_chunk(
     h: torch.Tensor,
     affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
     activations: Sequence[nn.Module],
+    terms: Terms,
     buffers: Sequence[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L`` on one chunk ``h``.
 
-    ``affines`` holds each layer's (weight, bias) at the current time. The Jacobian columns are
+    ``affines`` holds each layer's (weight, bias) at the current time, ``terms`` each layer's
+    context (scale, shift) of its pre-activation (see MLPField.context_terms), each (1 or rows,
+    width) or None; a scale multiplies the columns like sigma'. The Jacobian columns are
     a (rows, d, width) block: the first layer writes diag(s') W_1 as an outer product, each later
     one a single matrix product and the slope product, and the trace is
     ``columns.view(rows, d * width) @ W_L.view(d * width)``. With ``buffers`` (two flat blocks
@@ -124,14 +138,16 @@ def forward_mode_chunk(
     """
     rows, dim = h.shape
     columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
-    for i, ((weight, bias), activation) in enumerate(zip(affines[:-1], activations)):
-        pre = torch.addmm(bias, h, weight.t())
+    for i, ((weight, bias), activation, (scale, shift)) in enumerate(zip(affines[:-1], activations, terms)):
+        pre = _modulate(torch.addmm(bias, h, weight.t()), scale, shift)
         h = activation(pre)
         slope = activation_derivative(activation, pre, h)
         if slope is None:
             raise ValueError(
                 f"no analytic derivative for activation {activation!r}; use cnf.exact_divergence"
             )
+        if scale is not None:
+            slope = slope * scale
         width = weight.shape[0]
         if buffers is None:
             if columns is None:
@@ -148,7 +164,7 @@ def forward_mode_chunk(
             target.mul_(slope.unsqueeze(1))
         columns = target
     weight, bias = affines[-1]
-    velocity = torch.addmm(bias, h, weight.t())
+    velocity = _modulate(torch.addmm(bias, h, weight.t()), *terms[-1])
     if columns is None:  # no hidden layer: u is affine in x
         return velocity, torch.diagonal(weight).sum().expand(rows)
     # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
@@ -159,6 +175,7 @@ def forward_mode_divergence(
     affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
     activations: Sequence[nn.Module],
     x: torch.Tensor,
+    terms: Terms | None = None,
     chunk_rows: int = DIVERGENCE_CHUNK_ROWS,
     kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,6 +188,8 @@ def forward_mode_divergence(
     the full chunk size, the last one zero-padded, so its shapes never change.
     """
     batch, dim = x.shape
+    if terms is None:
+        terms = [(None, None)] * len(affines)
     chunk = max(1, chunk_rows // dim)
     if kernel is None:
         chunk = min(batch, chunk)
@@ -183,18 +202,27 @@ def forward_mode_divergence(
     for start in range(0, batch, chunk):
         h = x[start : start + chunk]
         rows = h.shape[0]
+        pad = chunk - rows if kernel is not None else 0
+        part = [tuple(_rows(term, start, rows, batch, pad) for term in pair) for pair in terms]
         if kernel is None:
-            velocity, divergence = forward_mode_chunk(h, affines, activations, buffers)
+            velocity, divergence = forward_mode_chunk(h, affines, activations, part, buffers)
         else:
-            if rows < chunk:
-                h = torch.cat([h, h.new_zeros(chunk - rows, dim)])
-            velocity, divergence = kernel(h, affines, activations)
+            velocity, divergence = kernel(_rows(h, 0, rows, rows, pad), affines, activations, part)
             velocity, divergence = velocity[:rows], divergence[:rows]
         velocities.append(velocity)
         divergences.append(divergence)
     if len(velocities) == 1:
         return velocities[0], divergences[0]
     return torch.cat(velocities), torch.cat(divergences)
+
+
+def _rows(term: torch.Tensor | None, start: int, rows: int, batch: int, pad: int) -> torch.Tensor | None:
+    """Rows start..start+rows of a per-sample term (batch rows; one row broadcasts and is kept),
+    zero-padded by ``pad`` rows."""
+    if term is None or (term.shape[0] == 1 and batch != 1):
+        return term
+    term = term[start : start + rows]
+    return torch.cat([term, term.new_zeros(pad, *term.shape[1:])]) if pad else term
 
 
 class MLPField(nn.Module):
@@ -205,6 +233,11 @@ class MLPField(nn.Module):
         hidden: widths of the hidden layers.
         activation: name (``tanh``, ``softplus``, ``elu``, ``silu``, ``relu``) or an nn.Module.
         time_embedding: ``concatsquash`` (FFJORD default) or ``concat``.
+        context_dim: k for a conditional field u(x, t, c) with c of shape (batch, k) or (1, k);
+            None (default) for an unconditional one.
+        context_mode: ``concat`` (per-sample bias in every layer) or ``film`` (per-sample
+            scale and shift of every hidden layer).
+        embedding: optional nn.Module applied to c first ((batch, k) -> (batch, e)).
     """
 
     def __init__(
@@ -213,6 +246,10 @@ class MLPField(nn.Module):
         hidden: Sequence[int] = (64, 64, 64),
         activation: str | nn.Module = "tanh",
         time_embedding: str = "concatsquash",
+        *,
+        context_dim: int | None = None,
+        context_mode: str = "concat",
+        embedding: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
@@ -238,12 +275,82 @@ class MLPField(nn.Module):
         self.activations = nn.ModuleList(make_activation() for _ in hidden)
         # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only).
         self.divergence_chunk_rows = DIVERGENCE_CHUNK_ROWS
+        self._init_context(context_dim, context_mode, embedding, widths[1:])
 
-    def forward(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    def _init_context(
+        self, context_dim: int | None, mode: str, embedding: nn.Module | None, widths: Sequence[int]
+    ) -> None:
+        self.context_dim = context_dim
+        self.context_mode = mode
+        self.embedding = embedding
+        self.context_layers = None
+        if context_dim is None:
+            if embedding is not None:
+                raise ValueError(f"embedding={embedding!r} needs context_dim=k, got context_dim=None")
+            return
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive int or None, got {context_dim!r}")
+        if mode not in CONTEXT_MODES:
+            raise ValueError(f"unknown context_mode {mode!r}; choose one of {CONTEXT_MODES}")
+        features = context_dim
+        if embedding is not None:
+            if not isinstance(embedding, nn.Module):
+                raise TypeError(f"embedding must be an nn.Module, got {type(embedding).__name__}")
+            with torch.no_grad():
+                probe = next(embedding.parameters(), torch.zeros(())).new_zeros(1, context_dim)
+                out = embedding(probe)
+            if out.ndim != 2 or out.shape[0] != 1:
+                raise ValueError(
+                    f"embedding must map (batch, {context_dim}) to (batch, e), got shape {tuple(out.shape)}"
+                )
+            features = out.shape[1]
+        if mode == "concat":  # a bias W_c e(c) for every layer's pre-activation
+            self.context_layers = nn.ModuleList(nn.Linear(features, w, bias=False) for w in widths)
+        else:  # FiLM: (scale - 1, shift) of every hidden layer, the identity at zero weights
+            self.context_layers = nn.ModuleList(nn.Linear(features, 2 * w) for w in widths[:-1])
+            for layer in self.context_layers:
+                nn.init.zeros_(layer.bias)
+
+    def context_terms(
+        self, context: torch.Tensor | None, batch: int
+    ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Per layer ``(scale, shift)`` from the context, each (1 or batch, width) or None.
+
+        A layer's pre-activation z becomes ``z * scale + shift``; both None without a context."""
+        count = len(self.layers)
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError(
+                    f"context of shape {tuple(context.shape)} given to an unconditional MLPField "
+                    "(build it with context_dim=k)"
+                )
+            return [(None, None)] * count
+        if context is None:
+            raise ValueError(f"this MLPField is conditional (context_dim={self.context_dim}); pass context=")
+        if context.ndim == 1:
+            context = context.unsqueeze(0)
+        if context.ndim != 2 or context.shape[1] != self.context_dim or context.shape[0] not in (1, batch):
+            raise ValueError(
+                f"context must have shape ({self.context_dim},), (1, {self.context_dim}) or "
+                f"({batch}, {self.context_dim}); got shape {tuple(context.shape)}"
+            )
+        features = self.embedding(context) if self.embedding is not None else context
+        if self.context_mode == "concat":
+            return [(None, layer(features)) for layer in self.context_layers]
+        terms = []
+        for layer in self.context_layers:
+            scale, shift = layer(features).chunk(2, dim=-1)
+            terms.append((scale + 1, shift))
+        return [*terms, (None, None)]
+
+    def forward(
+        self, t: torch.Tensor | float, x: torch.Tensor, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tt = time_column(t, x)
+        terms = self.context_terms(context, x.shape[0])
         h = x
         for i, layer in enumerate(self.layers):
-            h = layer(tt, h)
+            h = _modulate(layer(tt, h), *terms[i])
             if i < len(self.activations):
                 h = self.activations[i](h)
         return h
@@ -255,7 +362,12 @@ class MLPField(nn.Module):
         return all(activation_derivative(a, probe, probe) is not None for a in self.activations)
 
     def velocity_and_divergence(
-        self, t: torch.Tensor | float, x: torch.Tensor, *, compiled: bool = False
+        self,
+        t: torch.Tensor | float,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        compiled: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u(x, t), div u(x, t))`` from one pass, the divergence exact.
 
@@ -265,6 +377,8 @@ class MLPField(nn.Module):
         weight. Same matrix products as d autograd VJPs, but no graph, and when training the
         gradient is a plain backward instead of a double backward. ``t`` must be one time
         shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
+        A context adds a per-sample shift (c does not change d/dx) and, with FiLM, a
+        per-sample scale that multiplies the columns like sigma'.
 
         ``compiled=True`` runs each chunk through ``torch.compile`` when no gradient is
         recorded (scoring; training stays eager): the first call compiles (seconds to tens of
@@ -275,6 +389,7 @@ class MLPField(nn.Module):
             raise ValueError(
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
+        terms = self.context_terms(context, x.shape[0])
         kernel = None
         if compiled and not torch.is_grad_enabled():
             key = (self.dim, self.hidden, self.time_embedding, tuple(map(repr, self.activations)))
@@ -284,16 +399,33 @@ class MLPField(nn.Module):
                     forward_mode_chunk, dynamic=False, backend=COMPILE_BACKEND
                 )
         affines = [layer.affine(tt) for layer in self.layers]
-        return forward_mode_divergence(affines, list(self.activations), x, self.divergence_chunk_rows, kernel)
+        return forward_mode_divergence(
+            affines, list(self.activations), x, terms, self.divergence_chunk_rows, kernel
+        )
 
-    def config(self) -> dict:
-        """Keyword arguments that rebuild this field (for checkpoints)."""
-        return {
+    def config(self) -> dict | None:
+        """Keyword arguments that rebuild this field (for checkpoints); None with a user
+        embedding module (restore into a flow built by hand)."""
+        if self.embedding is not None:
+            return None
+        config = {
             "dim": self.dim,
             "hidden": list(self.hidden),
             "activation": self.activation_name,
             "time_embedding": self.time_embedding,
         }
+        if self.context_dim is not None:
+            config.update(context_dim=self.context_dim, context_mode=self.context_mode)
+        return config
+
+
+def _modulate(pre: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
+    """``pre * scale + shift`` with either factor absent."""
+    if scale is not None:
+        pre = pre * scale
+    if shift is not None:
+        pre = pre + shift
+    return pre
 
 
 class AutogradField(nn.Module):
@@ -304,9 +436,10 @@ class AutogradField(nn.Module):
         super().__init__()
         self.field = field
         self.dim = field.dim
+        self.context_dim = getattr(field, "context_dim", None)
 
-    def forward(self, t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-        return self.field(t, x)
+    def forward(self, t: torch.Tensor | float, x: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+        return self.field(t, x, **context)
 
 
 class LinearField(nn.Module):

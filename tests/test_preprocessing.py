@@ -1,0 +1,91 @@
+"""Choosing the preprocessing from the training split, and `cnf train --data NAME` with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cnf.cli import main
+from cnf.data import sample_toy
+from cnf.transforms import Dequantize, Logit, Standardize, choose_preprocessing
+
+F64 = torch.float64
+
+
+def kinds(transform) -> list[type]:
+    return [type(t) for t in transform.leaves()]
+
+
+def test_integer_data_are_dequantized_logit_and_standardized() -> None:
+    train = torch.randint(0, 17, (200, 5), generator=torch.Generator().manual_seed(0)).to(F64)
+    transform, notes = choose_preprocessing(train)
+    assert kinds(transform) == [Dequantize, Logit, Standardize]
+    dequantize = next(transform.leaves())
+    assert (dequantize.levels, dequantize.low) == (17, 0.0)
+    assert notes[0].startswith("dequantize: every value is an integer, 17 levels")
+    y, logdet = transform(train)
+    # Standardised on the training split: the transformed training data have mean ~0, std ~1.
+    assert y.mean(0).abs().max() < 0.15 and (y.std(0) - 1).abs().max() < 0.15
+    assert torch.isfinite(logdet).all()
+
+
+def test_unit_interval_scaled_and_unit_scale_data() -> None:
+    unit = torch.rand(100, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert kinds(choose_preprocessing(unit)[0]) == [Logit, Standardize]
+    wide = torch.randn(100, 3, dtype=F64) * torch.tensor([1.0, 100.0, 1.0], dtype=F64)
+    assert kinds(choose_preprocessing(wide)[0]) == [Standardize]
+    shifted = torch.randn(100, 2, dtype=F64) + 20.0
+    assert kinds(choose_preprocessing(shifted)[0]) == [Standardize]
+    transform, notes = choose_preprocessing(sample_toy("moons", 1000, 0))
+    assert transform is None and "no preprocessing" in notes[-1]
+
+
+def test_mixed_integer_columns_are_said_and_flags_override() -> None:
+    mixed = torch.randn(50, 3, dtype=F64) * 10
+    mixed[:, 1] = mixed[:, 1].round()
+    transform, notes = choose_preprocessing(mixed)
+    assert "columns [1] are integer-valued among continuous ones" in notes[0]
+    integers = torch.randint(0, 4, (50, 2)).to(F64)
+    transform, _ = choose_preprocessing(integers, "dequantize", levels=8)
+    assert kinds(transform) == [Dequantize] and next(transform.leaves()).levels == 8
+    assert choose_preprocessing(integers, "none")[0] is None
+    assert kinds(choose_preprocessing(integers, "standardize")[0]) == [Standardize]
+    with pytest.raises(ValueError, match=r"unknown preprocessing step\(s\) \['squeeze'\]"):
+        choose_preprocessing(integers, "squeeze")
+    with pytest.raises(ValueError, match=r"must keep the order"):
+        choose_preprocessing(integers, ["standardize", "dequantize"])
+    with pytest.raises(ValueError, match=r"non-integer values"):
+        choose_preprocessing(mixed, "dequantize")
+
+
+def test_cli_trains_digits_and_reports_bits_per_dim(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "digits"
+    tiny = ["--iters", "2", "--hidden", "8", "--rtol", "1e-2", "--atol", "1e-2", "--batch-size", "64"]
+    assert main(["train", "--data", "digits", "--out", str(out), *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "preprocessing (auto): dequantize: every value is an integer, 17 levels" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_n"] == 180 and 0 < summary["test_bits_per_dim"] < 20
+    checkpoint = str(out / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", "digits", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 180 and metrics["bits_per_dim"] > 0
+    samples = tmp_path / "samples.npy"
+    assert main(["sample", "--checkpoint", checkpoint, "--n", "5", "--out", str(samples)]) == 0
+    drawn = np.load(samples)
+    assert drawn.shape == (5, 64) and np.array_equal(drawn, drawn.round()) and drawn.max() <= 16
+
+
+def test_cli_preprocess_none_keeps_a_plain_cnf(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("sklearn")
+    out = tmp_path / "wine"
+    tiny = ["--iters", "1", "--hidden", "8", "--rtol", "1e-2", "--atol", "1e-2", "--preprocess", "none"]
+    assert main(["train", "--data", "wine", "--out", str(out), *tiny]) == 0
+    assert "no preprocessing" in capsys.readouterr().out
+    assert main(["train", "--data", "wine", "--out", str(out), "--preprocess", "logit", *tiny[:-2]]) == 2
+    assert "x must lie in the open interval" in capsys.readouterr().err
