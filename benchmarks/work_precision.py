@@ -50,6 +50,7 @@ from cnf import CNF, MLPField, Solver
 from cnf.checkpoint import load_checkpoint
 from cnf.data import sample_toy
 from cnf.divergence import exact_divergence_batched, exact_divergence_loop
+from cnf.fields.mlp import activation_derivative
 from cnf.flow import StandardNormal
 from cnf.training import train
 
@@ -75,7 +76,7 @@ METHODS = {
 STOP_ERROR = 2e-6
 MAX_NFE = 600
 COLUMNS = ("dim", "threads", "level", "library", "setting", "nfe", "error", "seconds", "ratio_to_cnf")
-EVAL_COLUMNS = ("dim", "threads", "form", "ms", "x_floor")
+EVAL_COLUMNS = ("dim", "threads", "form", "ms", "x_floor", "page_faults")
 
 Run = Callable[[], tuple[torch.Tensor, int]]
 
@@ -192,6 +193,41 @@ def label(method: str, setting: float, adaptive: bool) -> str:
 # --------------------------------------------------------------------------- per evaluation
 
 
+def previous_forward_mode(
+    field: MLPField, t: torch.Tensor, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLPField.velocity_and_divergence as it was before the chunked form (commit 86f0c8b), kept
+    here to time the two side by side: columns as one (d, batch, width) block, every product
+    out of place, the trace as an elementwise product and a sum."""
+    tt = t.reshape(1, 1)
+    h, columns = x, None
+    for layer, activation in zip(field.layers[:-1], field.activations):
+        weight, bias = layer.affine(tt)
+        pre = nn.functional.linear(h, weight, bias)
+        h = activation(pre)
+        slope = activation_derivative(activation, pre, h)
+        if columns is None:
+            columns = slope.unsqueeze(0) * weight.t().contiguous().unsqueeze(1)
+        else:
+            dim, batch, width = columns.shape
+            columns = (columns.reshape(dim * batch, width) @ weight.t()).reshape(dim, batch, -1) * slope
+    weight, bias = field.layers[-1].affine(tt)
+    return nn.functional.linear(h, weight, bias), (columns * weight.unsqueeze(1)).sum(dim=(0, 2))
+
+
+def minor_faults_per_call(fn: Callable[[], Any], calls: int = 3) -> float | None:
+    """Minor page faults per call of ``fn`` (memory the allocator mapped afresh), Unix only."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    fn()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def evaluation_forms(field: MLPField, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """One call of field + divergence at one time in each form, and the floors under them."""
     t = torch.tensor(0.5, dtype=x.dtype)
@@ -231,11 +267,16 @@ def evaluation_forms(field: MLPField, x: torch.Tensor) -> dict[str, Callable[[],
         with torch.no_grad():
             return field(t, x)
 
+    def previous() -> Any:
+        with torch.no_grad():
+            return previous_forward_mode(field, t, x)
+
     return {
         "matrix products (floor)": matrix_products,
         "field alone": field_alone,
         "cnf forward mode": forward_mode(MLPField(1).divergence_chunk_rows),
         "cnf forward mode, one block": forward_mode(10**12),
+        "cnf forward mode before (86f0c8b)": previous,
         "autograd VJPs (torchdyn)": autograd(
             exact_divergence_batched if dim >= 16 else exact_divergence_loop, False
         ),
@@ -244,10 +285,16 @@ def evaluation_forms(field: MLPField, x: torch.Tensor) -> dict[str, Callable[[],
 
 
 def per_evaluation(field: MLPField, x: torch.Tensor, rounds: int) -> list[dict[str, Any]]:
-    times = interleaved_seconds(evaluation_forms(field, x), repeats=max(3, rounds))
+    forms = evaluation_forms(field, x)
+    times = interleaved_seconds(forms, repeats=max(5, rounds))
     floor = statistics.median(times["matrix products (floor)"])
     return [
-        {"form": form, "ms": 1e3 * statistics.median(t), "x_floor": statistics.median(t) / floor}
+        {
+            "form": form,
+            "ms": 1e3 * statistics.median(t),
+            "x_floor": statistics.median(t) / floor,
+            "page_faults": minor_faults_per_call(forms[form]),
+        }
         for form, t in times.items()
     ]
 
@@ -337,6 +384,7 @@ def segment(
     with torch.no_grad():
         reference = ref_flow.log_prob(x[:n_error].double())
     reference_seconds = time.perf_counter() - start
+    per_eval = per_evaluation(field, x, rounds) if isinstance(field, MLPField) else []
     for library in libraries:  # warm up each library once
         SCORERS[library](field, x[:64], METHODS[library]["adaptive"][0], 1e-2)()
     rows = sweep(field, x, n_error, reference, libraries, quick)
@@ -397,7 +445,7 @@ def segment(
         "peers": {p: status.get(p) or "ok" for p in ("flow_matching", "torchdyn", "zuko")},
         "sweep": rows,
         "levels": levels,
-        "per_evaluation": per_evaluation(field, x, rounds) if isinstance(field, MLPField) else [],
+        "per_evaluation": per_eval,
         "rounds": rounds,
         "compile_seconds": compile_seconds,
     }
