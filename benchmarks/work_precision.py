@@ -75,6 +75,7 @@ METHODS = {
 # A method stops tightening once a setting is this accurate (past the last level) or costly.
 STOP_ERROR = 2e-6
 MAX_NFE = 600
+MAX_SECONDS = 15.0
 COLUMNS = ("dim", "threads", "level", "library", "setting", "nfe", "error", "seconds", "ratio_to_cnf")
 EVAL_COLUMNS = ("dim", "threads", "form", "ms", "x_floor", "page_faults")
 
@@ -357,6 +358,8 @@ def sweep(
                     row.update(nfe=nfe, error=error_mean if math.isfinite(error_mean) else None, status="ok")
                     rows.append(row)
                     if row["error"] is not None and row["error"] < STOP_ERROR or nfe > MAX_NFE:
+                        break
+                    if row["seconds_once"] > MAX_SECONDS:  # keeps a segment to a few minutes
                         break
     return rows
 
