@@ -382,12 +382,14 @@ def segment(
     status = peer_status()
     libraries = ["cnf", *(p for p in ("flow_matching", "torchdyn", "zuko") if not status.get(p))]
     x = points(dim, n)
+    # First, while the process is fresh: how much memory a call maps anew depends on what the
+    # allocator has kept from earlier, larger allocations (the float64 reference keeps plenty).
+    per_eval = per_evaluation(field, x, rounds) if isinstance(field, MLPField) else []
     start = time.perf_counter()
     ref_flow = CNF(copy.deepcopy(field).double(), solver=REFERENCE)
     with torch.no_grad():
         reference = ref_flow.log_prob(x[:n_error].double())
     reference_seconds = time.perf_counter() - start
-    per_eval = per_evaluation(field, x, rounds) if isinstance(field, MLPField) else []
     for library in libraries:  # warm up each library once
         SCORERS[library](field, x[:64], METHODS[library]["adaptive"][0], 1e-2)()
     rows = sweep(field, x, n_error, reference, libraries, quick)
