@@ -655,7 +655,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
-    n = max(args.n, args.n_grad)
+    n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
     data = load_eval_data(args.data, n, args.seed)[:n]
     result = tuning.tune(
         flow,
@@ -671,6 +671,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         gradients=not args.no_gradients,
         rank_by=args.rank_by,
+        confidence=args.confidence,
+        fresh_blocks=args.fresh_blocks,
         progress=None if args.json else print,
     )
     paths = result.save(args.out)
@@ -877,7 +879,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=tuning.DEFAULT_GRAD_BUDGET,
         help="relative gradient error budget (training)",
     )
-    p.add_argument("--n", type=int, default=1000, help="points scored per setting")
+    p.add_argument("--n", type=int, default=tuning.DEFAULT_N_LOGP, help="points scored per setting")
+    p.add_argument(
+        "--fresh-blocks",
+        type=int,
+        default=tuning.DEFAULT_FRESH_BLOCKS,
+        help="blocks of --n new points that re-check the recommendation",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=tuning.DEFAULT_CONFIDENCE,
+        help="level of the upper bound of the mean log p error that must meet --budget",
+    )
     p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")

@@ -25,6 +25,7 @@ from benchmarks import (
     threads,
     train_toy,
     vae,
+    work_precision,
 )
 
 BENCHMARKS = {
@@ -40,6 +41,7 @@ BENCHMARKS = {
     "threads": threads.main,
     "checkpoint_cost": checkpoint_cost.main,
     "vae": vae.main,
+    "work_precision": work_precision.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -86,6 +88,15 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
         assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
+    if name == "work_precision":
+        assert (tmp_path / "work_precision.png").stat().st_size > 0
+        assert {(s["dim"], s["threads"]) for s in payload["segments"]} == {(2, 1), (3, 1)}
+        assert all(h["speedup"] > 0 for h in payload["headline"] if h["speedup"] is not None)
+        forms = {r["form"] for r in payload["segments"][0]["per_evaluation"]}
+        assert {"matrix products (floor)", "cnf forward mode", "autograd VJPs (torchdyn)"} <= forms
+        for segment in payload["segments"]:
+            cnf_rows = [r for r in segment["sweep"] if r["library"] == "cnf"]
+            assert cnf_rows and all(r["status"] == "ok" and r["error"] < 1 for r in cnf_rows)
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
@@ -107,3 +118,8 @@ def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pyte
     payload = _read(tmp_path, "discrete_vs_continuous")
     assert any("zuko is not installed" in note for note in payload["notes"])
     assert "maf" not in {r["model"] for r in payload["rows"]}
+    payload = work_precision.main(["--quick", "--out", str(tmp_path / "wp")])
+    for segment in payload["segments"]:
+        assert all(status != "ok" for status in segment["peers"].values())
+        assert {r["library"] for r in segment["sweep"]} == {"cnf"}
+    assert all(h["speedup"] is None for h in payload["headline"])
