@@ -47,7 +47,7 @@ def is_image_source(source: str | None) -> bool:
         return False
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
-    except ValueError:
+    except (ValueError, EOFError, OSError):  # unreadable: the table loader reports it
         return False
 
 
