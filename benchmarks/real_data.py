@@ -345,7 +345,7 @@ def dataset_context(name: str, args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = data.train, data.val, data.test
     if args.quick:
         train, val, test = train[:300], val[:100], test[:100]
-    preprocess, notes = choose_preprocessing(train, levels=data.levels)
+    preprocess, notes = choose_preprocessing(train, args.preprocess, levels=data.levels)
     if preprocess is None:
         raise ValueError(f"{name}: no preprocessing chosen; the benchmark expects at least a standardisation")
     with torch.no_grad():
@@ -454,6 +454,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument(
         "--galaxy-path", default=None, help="pzflow wheel or galaxy-data.pkl (see cnf.data.real)"
     )
+    parser.add_argument("--preprocess", default="auto", help="steps for choose_preprocessing (default auto)")
     parser.add_argument("--name", default="real_data", help="results file name")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for the tests)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
