@@ -45,7 +45,17 @@ from cnf.data.conditional import (
 from cnf.training import train
 
 TEST_SEED = 2024
-COLUMNS = ("task", "model", "recipe", "excess_nll", "two_se", "test_nll", "true_nll", "steps", "train_seconds")
+COLUMNS = (
+    "task",
+    "model",
+    "recipe",
+    "excess_nll",
+    "two_se",
+    "test_nll",
+    "true_nll",
+    "steps",
+    "train_seconds",
+)
 SAMPLING_COLUMNS = ("task", "model", "what", "seconds", "nfe", "ratio")
 MODELS = ("cnf-ml", "cnf-fm", "zuko-nsf", "zuko-maf", "zuko-cnf")
 
@@ -198,8 +208,12 @@ def zuko_available() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", default=list(CONDITIONAL_DATASETS), choices=CONDITIONAL_DATASETS)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--tasks", nargs="+", default=list(CONDITIONAL_DATASETS), choices=CONDITIONAL_DATASETS
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds per model and task")
     parser.add_argument("--n-train", type=int, default=50_000)
@@ -210,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--per-context", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-sampling", dest="sampling", action="store_false")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few seconds per task (for the tests)")
     parser.add_argument("--name", default="conditional", help="results file name")

@@ -2,43 +2,140 @@
 
 cnf train --data moons --model cnf --out runs/moons
 cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
+
+Conditional flows p(x | c) from a table: ``cnf train --data table.npy --context-columns 2 3``
+takes columns 2 and 3 as c (standardised; the statistics are buffers of the checkpoint),
+``cnf evaluate`` reports the conditional NLL, ``cnf sample --context "0.3,1.2"`` (or
+``--context-file contexts.npy`` with one context per row) draws from p(x | c).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cnf import __version__, tuning
-from cnf.checkpoint import load_checkpoint
-from cnf.data import load_data, split
+from cnf import __version__, cli_images, distributed, tuning
+from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
+from cnf.context import ContextStandardization, parse_context, split_context_columns
+from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import MLPField
 from cnf.flow import CNF
-from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES
-from cnf.planar import PlanarFlow
+from cnf.losses import OBJECTIVES
+from cnf.outputs import atomic_write_text, prepare_folder, strict_json
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
+from cnf.recipes import recipe
 from cnf.solver import Solver
-from cnf.training import TrainSettings, train
+from cnf.training import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    SUMMARY_NAME,
+    TrainingError,
+    TrainingInterrupted,
+    TrainSettings,
+    _existing_run_files,
+    event_shape,
+    resolve_threads,
+    train,
+)
 from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.vae.posteriors import POSTERIORS
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
 
 
-def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
+#: Defaults of a new run's flags that are not training settings (those come from cnf.recipes).
+RUN_DEFAULTS: dict[str, Any] = {"data": "moons", "n_train": 50_000, "seed": 0}
+MODEL_DEFAULTS: dict[str, Any] = {"model": "cnf", "hidden": [64, 64, 64], "activation": "tanh", "layers": 32}
+SOLVER_DEFAULTS: dict[str, Any] = {
+    "divergence": "exact",
+    "noise": "gaussian",
+    "method": "dopri5",
+    "rtol": 1e-5,
+    "atol": 1e-5,
+    "adjoint": False,
+}
+#: Training flags -> TrainSettings fields (defaults from cnf.recipes.recipe).
+TRAIN_FLAGS = (
+    "iters",
+    "time_limit",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "val_every",
+    "objective",
+    "kinetic_weight",
+    "jacobian_weight",
+    "sigma_min",
+    "ema_decay",
+    "seed",
+)
+DEFAULT_TIME_LIMIT = 90.0
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The flags among ``names`` that the user passed (their argparse default is None)."""
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if given.get("ema_decay") == 0:  # --ema-decay 0: no moving average
+        given["ema_decay"] = None
+    return given
+
+
+def build_model(args: argparse.Namespace, dim: int, context_dim: int | None = None) -> torch.nn.Module:
     if args.model == "planar":
-        return PlanarFlow(dim, args.layers)
+        if context_dim is None:
+            return PlanarFlow(dim, args.layers)
+        return ConditionalPlanarFlow(dim, args.layers, context_dim)
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
-    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation)
+    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation, context_dim=context_dim)
     return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
+
+
+def context_split(
+    sets: Sequence[torch.Tensor], columns: Sequence[int] | None, source: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each table's (x, c) for ``--context-columns`` (c None without them)."""
+    if not columns:
+        return list(sets), [None] * len(sets)
+    if Path(source).suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--context-columns needs a .npy/.csv table as --data, got {source!r}")
+    pairs = [split_context_columns(s, columns) for s in sets]
+    return [x for x, _ in pairs], [c for _, c in pairs]
+
+
+def context_columns(config: dict[str, Any] | None) -> list[int] | None:
+    """The ``--context-columns`` a checkpoint's flow was trained with (inside any preprocessing)."""
+    while isinstance(config, dict):
+        if config.get("context_columns"):
+            return config["context_columns"]
+        config = config.get("flow")
+    return None
+
+
+def fit_context_standardization(flow: torch.nn.Module, contexts: torch.Tensor) -> None:
+    for module in flow.modules():
+        if isinstance(module, ContextStandardization):
+            module.fit(contexts.to(module.mean))
+
+
+def is_file_source(source: str) -> bool:
+    return Path(source).suffix.lower() in (".npy", ".csv")
 
 
 def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +144,7 @@ def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, tor
     if source in REAL_DATASETS:
         data = load_real(source)
         return data.train, data.val, data.test
-    if Path(source).suffix.lower() in (".npy", ".csv"):
+    if is_file_source(source):
         return split(load_data(source), seed=seed)
     train_set = load_data(source, n=n_train, seed=seed)
     val_set = load_data(source, n=2_000, seed=seed + 1)
@@ -59,17 +156,22 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
     """Data to score: a file's rows, a real dataset's test split, or n seeded toy samples."""
     if source in REAL_DATASETS:
         return load_real(source).test
-    if Path(source).suffix.lower() in (".npy", ".csv"):
+    if is_file_source(source):
         return load_data(source)
     return load_data(source, n=n, seed=seed)
 
 
-def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
-    """Test NLL in nats (data units), NFE of the scoring solve and seconds, all from one pass;
-    bits per dimension too for discrete data (a flow whose preprocessing dequantises)."""
+def timed_nll(
+    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None
+) -> dict[str, Any]:
+    """Test NLL in nats (data units; conditional, mean -log p(x | c), with a context), NFE of the
+    scoring solve and seconds, all from one pass; bits per dimension too for discrete data (a
+    flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
-        log_prob = flow.log_prob(data)
+        data = data.to(distributed.flow_device(flow))
+        conditional = {} if context is None else {"context": context.to(data.device)}
+        log_prob = flow.log_prob(data, **conditional)
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -83,38 +185,265 @@ def timed_nll(flow: torch.nn.Module, data: torch.Tensor) -> dict[str, Any]:
     return metrics
 
 
-def preprocessed(args: argparse.Namespace, flow: torch.nn.Module, train_set: torch.Tensor) -> torch.nn.Module:
+def preprocessed(
+    args: argparse.Namespace, source: str, flow: torch.nn.Module, train_set: torch.Tensor
+) -> torch.nn.Module:
     """Wrap ``flow`` with the preprocessing the data need (or that the flags ask for), saying which."""
-    levels = args.levels if args.levels is not None else LEVELS.get(args.data)
+    levels = args.levels if args.levels is not None else LEVELS.get(source)
     preprocess, notes = choose_preprocessing(train_set, args.preprocess, levels=levels, alpha=args.alpha)
     for note in notes:
         print(f"preprocessing ({args.preprocess}): {note}")
     return flow if preprocess is None else TransformedFlow(flow, preprocess)
 
 
+def known_true_nll(source: str, test_set: torch.Tensor) -> float | None:
+    """The true NLL of the test points for a toy dataset with a closed-form density, else None."""
+    if is_file_source(source):
+        return None
+    try:
+        return -true_log_prob(source, test_set.double()).mean().item()
+    except ValueError:
+        return None
+
+
+def parse_threads(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int or 'auto', got {text!r}")
+    return value
+
+
+def _resume_path(resume: str) -> Path:
+    path = Path(resume)
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
+    """Settings of a new run: recipe for the objective, then the flags given. The last item holds
+    the splits' contexts (``--context-columns``; Nones without)."""
+    run = {**RUN_DEFAULTS, **explicit(args, list(RUN_DEFAULTS))}
+    splits = load_splits(run["data"], run["n_train"], run["seed"])
+    splits, contexts = context_split(splits, args.context_columns, run["data"])
+    dim = splits[0].shape[1]
+    for name, value in {**MODEL_DEFAULTS, **SOLVER_DEFAULTS}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    torch.manual_seed(run["seed"])
+    model = build_model(args, dim, None if contexts[0] is None else contexts[0].shape[1])
+    if contexts[0] is not None:
+        fit_context_standardization(model, contexts[0])
+        model.context_columns = run["context_columns"] = list(args.context_columns)
+    flow = preprocessed(args, run["data"], model, splits[0])
+    objective = args.objective or "likelihood"
+    time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
+    data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
+    base = recipe(objective, dim, data_kind, time_limit=time_limit)
+    settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
+    run["data_kind"] = data_kind
+    return run, flow, settings, list(splits), contexts
+
+
+def _resumed_run(
+    args: argparse.Namespace, checkpoint: Path
+) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list[str], list]:
+    """The run's own data, model, solver and settings from its checkpoint; flags given change them."""
+    payload = read_checkpoint(checkpoint)
+    saved_run = payload.get("run") or {}
+    run = {**RUN_DEFAULTS, **saved_run, **explicit(args, list(RUN_DEFAULTS))}
+    if "data" not in saved_run and args.data is None:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} does not record its data; pass --data")
+    outer = payload.get("config")
+    if outer is None:
+        raise ValueError(f"checkpoint {str(checkpoint)!r} has no model config; resume it from Python")
+    config = outer
+    while config.get("kind") == "transformed" and isinstance(config.get("flow"), dict):
+        config = config["flow"]  # the flow inside its preprocessing
+    changes = []
+    saved_model = {"model": config.get("kind")}
+    if config.get("kind") == "cnf":
+        saved_model.update(hidden=list((config.get("field") or {}).get("hidden", [])))
+        saved_model.update(activation=(config.get("field") or {}).get("activation"))
+    else:
+        saved_model.update(layers=config.get("layers"))
+    for name, value in explicit(args, list(MODEL_DEFAULTS)).items():
+        if name in saved_model and value != saved_model[name]:
+            raise ValueError(
+                f"cannot change {_flag(name)} when resuming: the run in {str(checkpoint)!r} has "
+                f"{name}={saved_model[name]!r}, got {value!r}; start a new run (another --out) instead"
+            )
+    splits = load_splits(run["data"], run["n_train"], run["seed"])
+    columns = context_columns(outer)
+    splits, contexts = context_split(splits, columns, run["data"])
+    saved_shape = event_shape(config.get("dim"))
+    if saved_shape is not None and tuple(splits[0].shape[1:]) != saved_shape:
+        raise ValueError(
+            f"cannot resume {str(checkpoint)!r} on --data {run['data']!r}: the run's model takes points of "
+            f"shape {saved_shape}, the data has shape {tuple(splits[0].shape[1:])}"
+        )
+    flow = build_flow(outer)
+    inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    inner.context_columns = columns
+    if isinstance(inner, CNF):
+        solver_changes = {k: v for k, v in explicit(args, ["method", "rtol", "atol", "adjoint"]).items()}
+        for name in ("divergence", "noise"):
+            value = getattr(args, name)
+            if value is not None and value != getattr(inner, name):
+                changes.append(f"{name} {getattr(inner, name)} -> {value}")
+                setattr(inner, name, value)
+        for name, value in solver_changes.items():
+            if value != getattr(inner.solver, name):
+                changes.append(f"{name} {getattr(inner.solver, name)} -> {value}")
+        inner.solver = inner.solver.with_(**solver_changes)
+    saved = TrainSettings.from_dict(payload["settings"])
+    given = explicit(args, TRAIN_FLAGS)
+    for name, value in given.items():
+        if value != getattr(saved, name):
+            changes.append(f"{name} {getattr(saved, name)} -> {value}")
+    settings = TrainSettings(**{**asdict(saved), **given})
+    return run, flow, settings, list(splits), changes, contexts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    train_set, val_set, test_set = load_splits(args.data, args.n_train, args.seed)
-    torch.manual_seed(args.seed)
-    flow = preprocessed(args, build_model(args, train_set.shape[1]), train_set)
-    settings = TrainSettings(
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        time_limit=args.time_limit,
-        seed=args.seed,
-        val_every=args.val_every,
-        objective=args.objective,
-        kinetic_weight=args.kinetic_weight,
-        jacobian_weight=args.jacobian_weight,
-        sigma_min=args.sigma_min,
-        lr_schedule=args.lr_schedule,
+    """``cnf train``: here, on ``--nproc`` local processes (relaunched through torchrun), or as one
+    rank of a process group that torchrun started (``torchrun ... -m cnf train``)."""
+    several = distributed.launched_with_several_processes()
+    if args.nproc > 1 and not several:
+        return distributed.launch(args.nproc, ["cnf", *without_option(args.argv, "--nproc")])
+    if not several:
+        return _train_here(args, distributed.current_cluster())
+    cluster = distributed.init(args.device, timeout=args.dist_timeout)
+    try:  # ranks other than 0 keep quiet: rank 0 prints and writes for the run
+        with contextlib.nullcontext() if cluster.is_main else contextlib.redirect_stdout(io.StringIO()):
+            code = _train_here(args, cluster)
+    except Exception as error:
+        distributed.shutdown(wait_for_peers=False)
+        if isinstance(error, (TrainingError, ValueError, TypeError)):  # these name the rank or concern all
+            raise
+        raise RuntimeError(f"{cluster.describe()}: {type(error).__name__}: {error}") from error
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (the launched ranks must not relaunch)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
+
+
+def sharded_nll(
+    flow: torch.nn.Module,
+    data: torch.Tensor,
+    cluster: distributed.Cluster,
+    context: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """:func:`timed_nll` with each rank scoring its shard (and its rows' contexts), combined over ranks."""
+    if not cluster.distributed:
+        return timed_nll(flow, data, context)
+    metrics = timed_nll(flow, cluster.shard(data), None if context is None else cluster.shard(context))
+    total, n, nfe = cluster.sum([metrics["nll"] * metrics["n"], metrics["n"], metrics["nfe"]])
+    metrics.update(nll=total / n, n=int(n), nfe=nfe / cluster.world_size)
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(torch.tensor(-total / n), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
+    if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
+        if cluster.distributed:
+            raise ValueError(
+                f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
+            )
+        return cli_images.cmd_train_images(args)
+    resume = _resume_path(args.resume) if args.resume is not None else None
+    if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
+        if cluster.distributed:
+            raise ValueError(f"--model vae trains on one process, got {cluster.world_size} (drop --nproc / torchrun)")
+        return cmd_train_vae(args, resume)
+    if resume is not None:
+        run, flow, settings, splits, changes, contexts = _resumed_run(args, resume)
+        out = Path(args.out) if args.out is not None else resume.parent
+        saved = read_checkpoint(resume)
+        step = saved["step"]
+        print(
+            f"resuming {resume} at step {step} with the run's own model, solver and settings; "
+            + ("changed: " + ", ".join(changes) if changes else "nothing changed")
+        )
+        if settings.time_limit is not None and saved.get("seconds", 0.0) >= settings.time_limit:
+            print(
+                f"note: the run has used its whole time limit ({settings.time_limit:g} s, counted over the "
+                "whole run); pass a larger --time-limit to train further"
+            )
+        if settings.iters is not None and step >= settings.iters:
+            print(f"note: the run has reached its step cap ({settings.iters}); pass a larger --iters to train further")
+    else:
+        run, flow, settings, splits, contexts = _new_run(args)
+        out = Path(args.out) if args.out is not None else Path("runs/default")
+    train_set, val_set, test_set = splits
+    if cluster.is_main:  # rank 0 owns the run folder
+        prepare_folder(out, "--out")
+        existing = _existing_run_files(out)
+        same_folder = resume is not None and resume.parent.resolve() == out.resolve()
+        if existing and not same_folder and not args.overwrite:
+            raise ValueError(
+                f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
+                f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+            )
+        if existing and not same_folder and resume is not None:
+            for name in existing:
+                (out / name).unlink()
+    if cluster.distributed:  # C cores / N local processes, unless --threads says otherwise
+        threads = distributed.threads_per_process() if args.threads in (None, "auto") else args.threads
+        how = (
+            f"{distributed.available_cores()} cores / {cluster.local_world_size} processes"
+            if args.threads in (None, "auto")
+            else "--threads"
+        )
+        print(f"{cluster.describe()} on device {args.device}: {threads} torch thread(s) ({how})", file=sys.stderr)
+    else:
+        threads = resolve_threads(args.threads, train_set.shape[1])
+        how = "auto" if args.threads in (None, "auto") else "--threads"
+    print(
+        f"training {settings.objective} with lr {settings.lr:g}, batch {settings.batch_size}, "
+        f"{settings.lr_schedule} schedule, "
+        + (f"EMA {settings.ema_decay:g}, " if settings.ema_decay else "")
+        + f"{threads} torch thread{'s' if threads > 1 else ''} ({how})"
     )
-    out = Path(args.out)
-    result = train(flow, train_set, val_set, settings=settings, out=out, resume=args.resume)
-    metrics = timed_nll(flow, test_set)
+    result = train(
+        flow,
+        train_set,
+        val_set,
+        settings=settings,
+        out=out,
+        resume=resume,
+        threads=threads,
+        overwrite=True,
+        run_info=run,
+        context=contexts[0],
+        val_context=contexts[1],
+        device=args.device,
+    )
+    metrics = sharded_nll(flow, test_set, cluster, contexts[2])
+    if not cluster.is_main:
+        return 0
     summary = {
-        "data": args.data,
-        "model": args.model,
+        "data": run["data"],
+        "model": getattr(flow.flow if isinstance(flow, TransformedFlow) else flow, "kind", None),
         "steps": result.step,
         "train_seconds": round(result.seconds, 2),
         "stopped_by": result.stopped_by,
@@ -123,38 +452,129 @@ def cmd_train(args: argparse.Namespace) -> int:
         "test_nfe": metrics["nfe"],
         "test_n": metrics["n"],
         "checkpoint": str(result.checkpoint),
+        "weights": "ema" if settings.ema_decay else "last",
+        "best_step": result.best_step,
+        "best_val_nll": result.best_val_nll,
+        "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
+        "threads": result.threads,
+        "settings": asdict(settings),
+        "processes": cluster.world_size,
+        "device": str(distributed.flow_device(flow)),
     }
     if "bits_per_dim" in metrics:
         summary["test_bits_per_dim"] = metrics["bits_per_dim"]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    true_nll = known_true_nll(run["data"], test_set)
+    if true_nll is not None:
+        summary.update(true_nll=true_nll, excess_nll=metrics["nll"] - true_nll)
+    atomic_write_text(out / SUMMARY_NAME, strict_json(summary, indent=2))
+    best = f" (best validation at step {result.best_step}: {result.best_checkpoint})" if result.best_step else ""
     print(
-        f"trained {args.model} on {args.data}: {result.step} steps in {result.seconds:.1f} s "
+        f"trained {summary['model']} on {run['data']}: {result.step} steps in {result.seconds:.1f} s "
         f"(stopped by {result.stopped_by})\n"
         f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
         f"on {metrics['n']} points, NFE {metrics['nfe']}"
         + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
-        + "\n"
-        f"checkpoint: {result.checkpoint}"
+        + (f"; true NLL {true_nll:.4f}, excess {metrics['nll'] - true_nll:.4f}\n" if true_nll else "\n")
+        + f"checkpoint: {result.checkpoint}{best}"
     )
     if args.plot:
         from cnf.plots import plot_all
 
-        paths = plot_all(flow, out, data=test_set, log=out / "train_log.jsonl")
+        paths = plot_all(flow, out, data=test_set, log=out / LOG_NAME)
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
+VAE_DEFAULTS: dict[str, Any] = {"posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64]}
+
+
+def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
+    """``cnf train --model vae --posterior gaussian|planar|cnf|iaf --data digits|fashion-mnist``:
+    the recipe of the ``elbo`` objective, flags given override it; ``--resume`` continues a run."""
+    from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
+    from cnf.vae import VAE
+    from cnf.vae.evaluate import evaluate_vae
+
+    given = explicit(args, [*TRAIN_FLAGS, "kl_warmup", "patience"])
+    if given.get("objective", "elbo") != "elbo":
+        raise ValueError(f"--model vae trains by the elbo objective, got --objective {given['objective']!r}")
+    if resume is not None:
+        payload = read_checkpoint(resume)
+        run = {**(payload.get("run") or {}), **explicit(args, ["data", "seed"])}
+        vae = build_flow(payload["config"])
+        settings = TrainSettings(**{**asdict(TrainSettings.from_dict(payload["settings"])), **given})
+        out = Path(args.out) if args.out is not None else resume.parent
+    else:
+        run = {"data": args.data, "seed": 0 if args.seed is None else args.seed}
+        run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in VAE_DEFAULTS.items()})
+        out = Path(args.out) if args.out is not None else Path("runs/default")
+    if run.get("data") not in BINARIZED_DATASETS:
+        raise ValueError(
+            f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {run.get('data')!r}"
+        )
+    data = load_binarized(run["data"], seed=run["seed"])
+    if resume is None:
+        torch.manual_seed(run["seed"])
+        solver = Solver(method=args.method or "dopri5", rtol=args.rtol or 1e-5, atol=args.atol or 1e-5,
+                        adjoint=bool(args.adjoint))  # fmt: skip
+        layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
+        vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
+                  flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver)  # fmt: skip
+        time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
+        settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
+    result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
+                   overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
+    metrics = evaluate_vae(vae, data.test, k=args.iwae_samples, seed=run["seed"])
+    summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
+               "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
+               **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint),
+               "settings": asdict(settings)}  # fmt: skip
+    atomic_write_text(out / SUMMARY_NAME, strict_json(summary, indent=2))
+    print(
+        f"trained a VAE ({summary['posterior']} posterior, {vae.latent_dim}-D latent) on {run['data']}: "
+        f"{result.step} steps in {result.seconds:.1f} s (stopped by {result.stopped_by})\n"
+        f"test ELBO {metrics['elbo']:.3f} +- {metrics['elbo_two_se']:.3f}, importance-weighted log-likelihood "
+        f"(k={metrics['k']}) {metrics['iwae']:.3f} +- {metrics['iwae_two_se']:.3f}, KL(q||p(z)) "
+        f"{metrics['kl_prior']:.3f} nats/image on {metrics['n']} test images\ncheckpoint: {result.checkpoint}"
+    )
+    return 0
+
+
+def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> int:
+    """A VAE's test ELBO, importance-weighted log-likelihood (k = 1000) and KL on the fixed
+    binarisation of the named data set's test images."""
+    from cnf.data.binarized import load_binarized
+    from cnf.vae.evaluate import evaluate_vae
+
+    metrics = evaluate_vae(vae, load_binarized(args.data).test[: args.n], k=1000)
+    if args.json:
+        print(strict_json(metrics))
+    else:
+        print(f"test ELBO: {metrics['elbo']:.4f}  IWAE (k=1000): {metrics['iwae']:.4f}  KL(q||p(z)): "
+              f"{metrics['kl_prior']:.4f} nats  n: {metrics['n']}  seconds: {metrics['seconds']:.1f}")  # fmt: skip
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    flow, payload = load_checkpoint(args.checkpoint)
+    flow, payload = load_checkpoint(args.checkpoint, device=args.device)
+    if getattr(flow, "kind", None) == "vae":
+        return evaluate_vae_checkpoint(flow, args)
+    if cli_images.is_image_source(args.data):
+        solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
+        return cli_images.evaluate_images(flow, args.data, args.json, solver)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
-    metrics = timed_nll(flow, data)
+    (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
+    metrics = timed_nll(flow, data) if context is None else timed_nll(flow, data, context)
+    if context is not None:
+        metrics["conditional"] = True
     if args.json:
-        print(json.dumps(metrics))
+        print(strict_json(metrics))
     else:
         print(
-            f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
+            f"{'conditional ' if context is not None else ''}test NLL: {metrics['nll']:.4f} nats  "
+            f"NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
             + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
@@ -167,19 +587,67 @@ def solver_from_file(path: str) -> Solver:
         settings = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"--solver-from file {path!r} does not exist") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"--solver-from file {path!r} is not JSON: {error}") from error
-    settings = settings.get("recommended", {}).get("evaluation", settings)
-    return Solver.from_dict(settings.get("solver", settings))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--solver-from file {path!r} is not JSON: {error}") from None
+    except OSError as error:
+        raise ValueError(f"--solver-from file {path!r} cannot be read: {error.strerror}") from None
+
+    def expect_object(value: Any, where: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"--solver-from file {path!r}: {where} must be a JSON object of solver settings "
+                f'(e.g. {{"method": "dopri5", "rtol": 1e-5}}) or the output of `cnf tune`, '
+                f"got a {type(value).__name__}: {json.dumps(value)[:80]}"
+            )
+        return value
+
+    settings = expect_object(settings, "the file")
+    recommended = settings.get("recommended")
+    if recommended is not None:
+        settings = expect_object(expect_object(recommended, "'recommended'").get("evaluation"), "'evaluation'")
+    settings = expect_object(settings.get("solver", settings), "'solver'")
+    unknown = sorted(set(settings) - set(Solver.__dataclass_fields__))
+    if not any(key in Solver.__dataclass_fields__ for key in settings):
+        raise ValueError(
+            f"--solver-from file {path!r} has no solver settings (got keys {unknown}); "
+            f"expected some of {sorted(Solver.__dataclass_fields__)}"
+        )
+    try:
+        return Solver.from_dict(settings)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--solver-from file {path!r}: {error}") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    flow, _ = load_checkpoint(args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed)
+    flow, _ = load_checkpoint(args.checkpoint, device=args.device)
+    device = distributed.flow_device(flow)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.context is not None and args.context_file is not None:
+        raise ValueError("give --context or --context-file, not both")
+    context = None
+    if args.context is not None:
+        context = parse_context(args.context)
+    elif args.context_file is not None:
+        context = load_data(args.context_file)
+    if context is not None:
+        context = context.to(device=device, dtype=next(flow.parameters()).dtype)
     with torch.no_grad():
-        samples = flow.sample(args.n, generator=generator)
-    np.save(args.out, samples.numpy())
-    print(f"wrote {args.n} samples to {args.out}")
+        conditional = {} if context is None else {"context": context}
+        samples = flow.sample(args.n, generator=generator, **conditional)
+    np.save(args.out, samples.cpu().numpy())
+    print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if not args.trust:
+        raise ValueError(
+            "cnf convert-checkpoint unpickles the old file, which can run code; pass --trust to confirm "
+            f"that you trust {args.old!r}"
+        )
+    path = convert_trusted_checkpoint(args.old, args.new)
+    read_checkpoint(path)
+    print(f"wrote {path}: loadable with weights_only=True, checksummed")
     return 0
 
 
@@ -223,6 +691,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
     flow, _ = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
+        return cli_images.plot_images(flow, args.out, args.data)
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)
@@ -254,64 +724,104 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
     parser.add_argument("--version", action="version", version=f"cnf {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("train", help="fit a flow by maximum likelihood and save a checkpoint")
+    p = commands.add_parser(
+        "train",
+        help="fit a flow and save a checkpoint",
+        description="Fit a flow. Flags left out take the recipe of the objective (cnf.recipes) for a new "
+        "run, and the run's own settings with --resume.",
+    )
     p.add_argument(
         "--data",
-        default="moons",
-        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)",
+        default=None,
+        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons); images: "
+        "digits-images, fashion-mnist or a .npy of shape (n, C, H, W)",
     )
-    p.add_argument("--model", choices=("cnf", "planar"), default="cnf")
-    p.add_argument("--iters", type=int, default=3000)
-    p.add_argument("--time-limit", type=positive_float, default=90.0, help="wall-clock limit in seconds")
-    p.add_argument("--out", default="runs/default", help="output folder for checkpoint and log")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from")
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=positive_float, default=5e-3)
     p.add_argument(
-        "--lr-schedule", choices=("constant", "cosine"), default="cosine", help="learning-rate decay"
+        "--model", choices=("cnf", "planar", "vae", "multiscale"), default=None, help="default cnf (multiscale: images)"
     )
-    p.add_argument("--n-train", type=int, default=50_000)
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hidden", type=int, nargs="+", default=[64, 64, 64])
-    p.add_argument("--activation", default="tanh")
-    p.add_argument("--divergence", default="exact")
-    p.add_argument("--noise", default="gaussian")
-    p.add_argument("--method", default="dopri5")
-    p.add_argument("--rtol", type=positive_float, default=1e-5)
-    p.add_argument("--atol", type=positive_float, default=1e-5)
-    p.add_argument("--adjoint", action="store_true")
-    p.add_argument("--layers", type=int, default=32, help="planar layers K")
+    p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
+    p.add_argument(
+        "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"
+    )
+    p.add_argument("--out", default=None, help="output folder (default runs/default; the run's with --resume)")
+    p.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=positive_float, default=None)
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None, help="learning-rate decay")
+    p.add_argument(
+        "--ema-decay", type=float, default=None, help="EMA of the weights, in (0, 1); 0 turns it off"
+    )
+    p.add_argument("--n-train", type=int, default=None, help="training points drawn of a named dataset")
+    p.add_argument("--val-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help="default 64 64 64")
+    p.add_argument("--activation", default=None)
+    p.add_argument("--divergence", default=None, help="exact (default) or hutchinson")
+    p.add_argument("--noise", default=None)
+    p.add_argument("--method", default=None, help="ODE solver (default dopri5)")
+    p.add_argument("--rtol", type=positive_float, default=None, help="default 1e-5")
+    p.add_argument("--atol", type=positive_float, default=None, help="default 1e-5")
+    p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--layers", type=int, default=None, help="planar layers K (default 32)")
     p.add_argument(
         "--objective",
         choices=tuple(OBJECTIVES),
-        default="likelihood",
-        help="likelihood (maximum likelihood, + RNODE with the weights below), flow_matching or "
+        default=None,
+        help="likelihood (default; + RNODE with the weights below), flow_matching or "
         "ot_flow_matching (simulation-free)",
     )
     p.add_argument(
-        "--kinetic-weight", type=float, default=0.0, help="RNODE kinetic-energy weight (0.01 in the paper)"
+        "--kinetic-weight", type=float, default=None, help="RNODE kinetic-energy weight (0.01 in the paper)"
     )
     p.add_argument(
-        "--jacobian-weight", type=float, default=0.0, help="RNODE Jacobian-norm weight (0.01 in the paper)"
+        "--jacobian-weight", type=float, default=None, help="RNODE Jacobian-norm weight (0.01 in the paper)"
     )
-    p.add_argument(
-        "--sigma-min", type=float, default=DEFAULT_SIGMA_MIN, help="flow-matching path width at t=1"
-    )
+    p.add_argument("--sigma-min", type=float, default=None, help="flow-matching path width at t=1")
     p.add_argument(
         "--preprocess",
         default="auto",
         help="auto (detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
-        f"none, or a comma-separated subset of {','.join(STEPS)}",
+        f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
     )
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    p.add_argument(
+        "--context-columns", type=int, nargs="+", default=None, metavar="I",
+        help="columns of the --data table that are the context c of p(x | c) (standardised)",
+    )  # fmt: skip
+    vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
+    vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
+    vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
+    vae.add_argument("--flow-hidden", type=int, nargs="+", default=None, help="posterior flow widths (64 64)")
+    vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
+    vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
+    vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")
+    add_device_option(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local processes (torch.distributed, launched by torchrun; each uses cores / N "
+        "threads); for several machines run torchrun --nnodes ... -m cnf train instead",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="seconds a rank waits for a silent peer before the run fails (a dead peer fails it at once)",
+    )
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
@@ -321,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -328,7 +839,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
+    p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
+    p.add_argument(
+        "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
+    )
+    add_device_option(p)
     p.set_defaults(run=cmd_sample)
+
+    p = commands.add_parser(
+        "convert-checkpoint", help="rewrite a trusted cnf 0.1 checkpoint in the safe format (unpickles it)"
+    )
+    p.add_argument("old", help="the old checkpoint (it is unpickled: only files you trust)")
+    p.add_argument("new", help="where to write the converted checkpoint")
+    p.add_argument("--trust", action="store_true", help="confirm that you trust OLD")
+    p.set_defaults(run=cmd_convert)
 
     p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")
     p.add_argument("--checkpoint", required=True)
@@ -394,10 +918,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError) as error:
+    except TrainingInterrupted as error:
+        print(f"cnf {args.command}: {error}", file=sys.stderr)
+        return 130
+    except OSError as error:
+        print(f"cnf {args.command}: error: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"cnf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

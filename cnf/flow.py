@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from cnf.context import check_context, context_dim_of
@@ -183,6 +184,14 @@ class CNF(nn.Module):
     """
 
     kind = "cnf"
+    #: which columns of a table are the context (set by ``cnf train --context-columns``)
+    context_columns: list[int] | None = None
+    #: Rows that :meth:`log_prob` scores in one solve; a larger batch is split into chunks of this
+    #: size, so memory stays bounded (without gradients the default leaves test sets whole).
+    chunk_size: int = 65_536
+    #: The same with gradients; each chunk is then recomputed in backward
+    #: (``torch.utils.checkpoint``), so the autograd graph of one chunk is alive at a time.
+    grad_chunk_size: int = 4_096
 
     def __init__(
         self,
@@ -289,10 +298,49 @@ class CNF(nn.Module):
         """log p_t(x) (or log p_t(x | c)) per sample (default t=1: the model density), shape (batch,).
 
         Solves the augmented state from t back to 0. With ``divergence="hutchinson"`` one probe
-        is drawn per call (from ``generator`` if given) and held fixed during the solve.
+        is drawn per call (from ``generator`` if given) and held fixed during the solve. Batches
+        larger than :attr:`chunk_size` (:attr:`grad_chunk_size` with gradients) are scored in
+        chunks, one solve each; ``stats`` then holds the summed counts.
         """
+        limit = self.grad_chunk_size if torch.is_grad_enabled() else self.chunk_size
+        if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] > limit:
+            return self._chunked_log_prob(x, t, limit, generator, probe, context)
         z, delta_logp = self.transform(x, t, generator=generator, probe=probe, context=context)
         return base_log_prob(self.base, z) + delta_logp
+
+    def _chunked_log_prob(
+        self,
+        x: torch.Tensor,
+        t: float,
+        size: int,
+        generator: torch.Generator | None,
+        probe: torch.Tensor | None,
+        context: torch.Tensor | None,
+    ) -> torch.Tensor:
+        check_batch(x, self.dim, "x")
+        context = self._context(context, x)  # (1, k) for all rows or (B, k) per row
+        if self.divergence == "hutchinson" and probe is None:
+            probe = draw_probe(x, self.noise, generator)  # drawn once, so a recompute reuses it
+        count = math.ceil(x.shape[0] / size)
+        probes = probe.split(size) if probe is not None else [None] * count
+        contexts = context.split(size) if context is not None and context.shape[0] > 1 else [context] * count
+        parts, total = [], SolveStats(solve="scoring")
+
+        def score(chunk: torch.Tensor, chunk_probe: torch.Tensor | None, chunk_context: torch.Tensor | None):
+            z, delta_logp = self.transform(chunk, t, probe=chunk_probe, context=chunk_context)
+            return base_log_prob(self.base, z) + delta_logp
+
+        for chunk, chunk_probe, chunk_context in zip(x.split(size), probes, contexts):
+            if torch.is_grad_enabled():
+                parts.append(
+                    torch.utils.checkpoint.checkpoint(score, chunk, chunk_probe, chunk_context, use_reentrant=False)
+                )
+            else:
+                parts.append(score(chunk, chunk_probe, chunk_context))
+            total.nfe_forward += self.stats.nfe_forward
+            total.steps += self.stats.steps
+        self.stats = total
+        return torch.cat(parts)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_prob(x, context=context)
@@ -470,4 +518,5 @@ class CNF(nn.Module):
             "divergence": self.divergence,
             "noise": self.noise,
             "solver": self.solver.to_dict(),
+            **({"context_columns": list(self.context_columns)} if self.context_columns else {}),
         }

@@ -10,8 +10,10 @@ Reference: Chen et al. (2018), "Neural Ordinary Differential Equations" (torchdi
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -30,6 +32,31 @@ METHODS = tuple(sorted(SOLVERS))
 
 class SolverError(RuntimeError):
     """An ODE solve that could not finish: step budget exhausted or step size underflow."""
+
+
+class SolveInterrupted(RuntimeError):
+    """A solve stopped from outside, between two field evaluations (a time limit or a signal)."""
+
+
+#: The check of :func:`stop_check`, asked before every field evaluation (None: no check).
+_STOP_CHECK: contextvars.ContextVar[Callable[[], str | None] | None] = contextvars.ContextVar(
+    "cnf_stop_check", default=None
+)
+
+
+@contextlib.contextmanager
+def stop_check(check: Callable[[], str | None]) -> Iterator[None]:
+    """Within the block, every solve calls ``check()`` before each field evaluation and raises
+    :class:`SolveInterrupted` with its message when it returns one (e.g. "time limit reached").
+
+    This bounds a solve that would otherwise run on (a stiff field near its step budget) by a
+    deadline or a signal; the training loop uses it for ``time_limit`` and Ctrl-C / SIGTERM.
+    """
+    token = _STOP_CHECK.set(check)
+    try:
+        yield
+    finally:
+        _STOP_CHECK.reset(token)
 
 
 def _check_tolerance(name: str, value: float) -> float:
@@ -158,6 +185,12 @@ class CountedDynamics(nn.Module):
         self.last_state: Any = None
 
     def forward(self, t: torch.Tensor, state: Any) -> Any:
+        check = _STOP_CHECK.get()
+        if check is not None and (reason := check()):
+            raise SolveInterrupted(
+                f"{self.stats.solve} solve stopped ({reason}) at t={float(self.last_t):.6g} after "
+                f"{self.stats.steps} accepted steps and {self.stats.nfe_forward} evaluations"
+            )
         if self.backward_phase:
             self.stats.nfe_backward += 1
         else:
@@ -207,6 +240,17 @@ class CountedAdaptiveDynamics(CountedDynamics):
             )
 
 
+def _check_dtype_matches(dynamics: nn.Module, state0: Any, name: str) -> None:
+    """Refuse a state whose dtype differs from the field's parameters, naming both."""
+    x = state0[0] if isinstance(state0, (tuple, list)) else state0
+    param = next(dynamics.parameters(), None)
+    if param is not None and isinstance(x, torch.Tensor) and x.dtype != param.dtype:
+        raise TypeError(
+            f"x has dtype {x.dtype} but the flow's parameters are {param.dtype} ({name} solve); "
+            f"convert the data with x.to({param.dtype}) or the flow with flow.to({x.dtype})"
+        )
+
+
 def _with_last(result: Any, last: Any) -> Any:
     """``result`` (a tensor or tuple of tensors with time first) with its last time replaced."""
     if isinstance(result, torch.Tensor):
@@ -232,6 +276,7 @@ def solve(
     tensors the dynamics read besides the state (a context): the adjoint method returns their
     gradients too, next to those of the dynamics' parameters.
     """
+    _check_dtype_matches(dynamics, state0, name)
     if solver.is_adaptive:
         counted: CountedDynamics = CountedAdaptiveDynamics(dynamics, stats, solver)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from cnf.data.checks import _check_dtype, _check_seed, check_batch
 from cnf.data.toy import _SAMPLERS, TOY_DATASETS, sample_toy
 
 _LOADABLE_SUFFIXES = (".npy", ".csv")
+#: A column of at least this many consecutive integers is taken for a row index (a warning).
+_INDEX_MIN_ROWS = 10
 
 def _is_numeric_row(line: str) -> bool:
     try:
@@ -30,7 +33,14 @@ def _read_csv(path: Path) -> np.ndarray:
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         raise ValueError(f"data file {str(path)!r} is empty")
-    skip = first + (0 if _is_numeric_row(lines[first]) else 1)
+    header = not _is_numeric_row(lines[first])
+    if header:
+        warnings.warn(
+            f"data file {str(path)!r}: the first row {lines[first][:80]!r} is not numeric and was taken "
+            "as a header (skipped)",
+            stacklevel=4,
+        )
+    skip = first + (1 if header else 0)
     body = [line for line in lines[skip:] if line.strip()]
     if not body:
         raise ValueError(f"data file {str(path)!r} has a header but no data rows")
@@ -50,11 +60,35 @@ def _read_file(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {str(path)!r}")
     if suffix == ".npy":
+        if path.stat().st_size == 0:
+            raise ValueError(f"data file {str(path)!r} is empty (0 bytes)")
         try:
-            return np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"cannot read .npy file {str(path)!r}: {err}") from None
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as err:
+            raise ValueError(f"cannot read .npy file {str(path)!r} (truncated or not a .npy file): {err}") from None
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"data file {str(path)!r} holds several arrays (.npz); save one with np.save")
+        if array.size == 0:
+            raise ValueError(f"data file {str(path)!r} holds no data: its array has shape {array.shape}")
+        return array
     return _read_csv(path)
+
+
+def _warn_index_columns(array: np.ndarray | torch.Tensor, source: str) -> None:
+    """Warn about columns of consecutive integers (a row index, as pandas' ``to_csv`` writes one)."""
+    values = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] < _INDEX_MIN_ROWS:
+        return
+    steps = np.diff(values, axis=0)
+    for column in np.flatnonzero(np.all(steps == 1.0, axis=0)):
+        first = values[0, column]
+        if first == round(first):
+            warnings.warn(
+                f"{source}: column {column} holds consecutive integers {first:g}, {first + 1:g}, ... "
+                f"{values[-1, column]:g}, which looks like a row index and would be modelled as data; "
+                "drop it (pandas: to_csv(index=False))",
+                stacklevel=3,
+            )
 
 
 def _to_tensor(data: np.ndarray | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,6 +126,8 @@ def load_data(
                 f"or give a path to a {' or '.join(_LOADABLE_SUFFIXES)} file"
             )
         array: np.ndarray | torch.Tensor = _read_file(path)
+        if array.ndim == 2:
+            _warn_index_columns(array, f"data file {str(path)!r}")
     elif isinstance(source, (np.ndarray, torch.Tensor)):
         array = source
     else:

@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from cnf.context import ContextStandardization
+
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
 TIME_EMBEDDINGS = ("concatsquash", "concat")
 CONTEXT_MODES = ("concat", "film")
@@ -284,6 +286,7 @@ class MLPField(nn.Module):
         self.context_mode = mode
         self.embedding = embedding
         self.context_layers = None
+        self.context_standardization = None
         if context_dim is None:
             if embedding is not None:
                 raise ValueError(f"embedding={embedding!r} needs context_dim=k, got context_dim=None")
@@ -292,6 +295,7 @@ class MLPField(nn.Module):
             raise ValueError(f"context_dim must be a positive int or None, got {context_dim!r}")
         if mode not in CONTEXT_MODES:
             raise ValueError(f"unknown context_mode {mode!r}; choose one of {CONTEXT_MODES}")
+        self.context_standardization = ContextStandardization(context_dim)
         features = context_dim
         if embedding is not None:
             if not isinstance(embedding, nn.Module):
@@ -334,7 +338,9 @@ class MLPField(nn.Module):
                 f"context must have shape ({self.context_dim},), (1, {self.context_dim}) or "
                 f"({batch}, {self.context_dim}); got shape {tuple(context.shape)}"
             )
-        features = self.embedding(context) if self.embedding is not None else context
+        features = self.context_standardization(context)
+        if self.embedding is not None:
+            features = self.embedding(features)
         if self.context_mode == "concat":
             return [(None, layer(features)) for layer in self.context_layers]
         terms = []

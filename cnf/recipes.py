@@ -1,0 +1,136 @@
+"""Recipes: the default training settings per objective, dimension and kind of data, in one place.
+
+``cnf train --objective X`` with no other flag, :func:`cnf.train` (via ``settings=recipe(...)``)
+and ``benchmarks/training_speed.py`` all read them from here, so the defaults a user gets are the
+ones the README's benchmark numbers were measured with.
+
+* ``likelihood`` (maximum likelihood, FFJORD): Adam at 5e-3, batch 512, cosine decay to lr/20
+  over the run, validation every 100 steps (one step costs one adaptive solve).
+* ``flow_matching`` / ``ot_flow_matching`` (Lipman et al. 2023; Tong et al. 2023): a step is one
+  field evaluation (~50x cheaper), so batch 256 (which keeps the exact OT assignment near 10 ms),
+  the same lr and schedule, validation every 1,000 steps, and an exponential moving average of
+  the weights (decay 0.999, with the usual warm-up min(decay, (1 + n) / (10 + n))) that is
+  what gets validated, checkpointed and returned.
+* RNODE (Finlay et al. 2020) is ``likelihood`` plus :data:`RNODE_WEIGHTS`.
+* ``elbo`` (a :class:`cnf.vae.VAE`): Adam at 1e-3, batch 100, cosine, KL warm-up over 500 steps,
+  early stopping after 10 validations (every 100 steps) without a better validation ELBO.
+
+A time-limited run has no iteration cap (``iters=None``): the cosine schedule then runs over the
+time budget and the run ends when the time is up, never earlier. Without a time limit the cap
+``iters`` applies.
+
+:func:`recipe` is a function of ``(objective, dim, data_kind)``: the per-objective table below,
+then :func:`_by_dimension` for adjustments by dimension and data kind (the place to extend).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cnf.losses import OBJECTIVES
+
+DATA_KINDS = ("toy", "tabular", "image")
+
+#: RNODE's regulariser weights (Finlay et al. 2020 used 0.01 for both).
+RNODE_WEIGHTS: dict[str, float] = {"kinetic_weight": 0.01, "jacobian_weight": 0.01}
+
+_FLOW_MATCHING = {
+    "lr": 5e-3,
+    "batch_size": 256,
+    "lr_schedule": "cosine",
+    "iters": 20_000,
+    "val_every": 1_000,
+    "ema_decay": 0.999,
+}
+
+#: TrainSettings fields per objective (measured on 2-D toy data: benchmarks/training_speed.py).
+BY_OBJECTIVE: dict[str, dict[str, Any]] = {
+    "likelihood": {
+        "lr": 5e-3,
+        "batch_size": 512,
+        "lr_schedule": "cosine",
+        "iters": 3_000,
+        "val_every": 100,
+        "ema_decay": None,
+    },
+    "flow_matching": _FLOW_MATCHING,
+    "ot_flow_matching": _FLOW_MATCHING,
+    # VAEs (cnf.vae): the Sylvester-flow / FFJORD-VAE recipe scaled down: Adam 1e-3, batch 100,
+    # linear KL warm-up, early stopping on the validation ELBO
+    "elbo": {
+        "lr": 1e-3,
+        "batch_size": 100,
+        "lr_schedule": "cosine",
+        "iters": 20_000,
+        "val_every": 100,
+        "ema_decay": None,
+        "kl_warmup": 500,
+        "patience": 10,
+    },
+}
+
+
+def _check(objective: str, dim: int, data_kind: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {tuple(OBJECTIVES)}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if data_kind not in DATA_KINDS:
+        raise ValueError(f"unknown data_kind {data_kind!r}; choose one of {DATA_KINDS}")
+
+
+#: Integer images (cnf.images.image_flow; measured by benchmarks/images.py on digits): Adam at 1e-3
+#: and batch 128 for every objective, validation every 100 steps, no EMA.
+IMAGE_SETTINGS: dict[str, Any] = {"lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "val_every": 100, "ema_decay": None}
+
+
+def _by_dimension(objective: str, dim: int, data_kind: str) -> dict[str, Any]:
+    """Adjustments of the per-objective recipe by dimension and data kind (images so far)."""
+    if data_kind == "image" and objective != "elbo":
+        return dict(IMAGE_SETTINGS)
+    return {}
+
+
+def recipe(
+    objective: str = "likelihood",
+    dim: int = 2,
+    data_kind: str = "toy",
+    *,
+    time_limit: float | None = None,
+) -> dict[str, Any]:
+    """The :class:`cnf.TrainSettings` fields recommended for this case (a new dict each call).
+
+    With ``time_limit`` (seconds) the result has ``time_limit`` set and ``iters=None``: the run
+    uses its whole budget. Use it as ``cnf.train(flow, data, **recipe("ot_flow_matching"))`` or
+    ``TrainSettings(**recipe(...))``.
+    """
+    _check(objective, dim, data_kind)
+    settings = {"objective": objective, **BY_OBJECTIVE[objective], **_by_dimension(objective, dim, data_kind)}
+    if time_limit is not None:
+        settings["time_limit"] = time_limit
+        settings["iters"] = None
+    return settings
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def default_threads(dim: int, cores: int | None = None) -> int:
+    """torch threads for training a flow on ``dim``-dimensional data.
+
+    Below d = 256 one thread: the matrices are too small for intra-op parallelism to pay, and on a
+    shared machine an OpenMP team waits for its slowest thread, so a busy neighbour on one core
+    stalls every step (measured in the README: 148 steps in 30 s quiet, 62 with one busy process
+    at the default thread count, ~128 on one thread). From d = 256 on, half the available cores
+    (at most 8), which leaves room for a neighbour.
+    """
+    cores = available_cores() if cores is None else cores
+    if dim < 256:
+        return 1
+    return max(1, min(8, cores // 2))
