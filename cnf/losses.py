@@ -36,6 +36,8 @@ from cnf.regularizers import check_weight, rnode_penalty
 from cnf.solver import SolveStats
 
 Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: ``pairing(x0, x1, context) -> x0 reordered``: who pairs base and data points in OT flow matching.
+Pairing = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 #: Default sigma_min of the flow-matching path: the model's p1 is the data blurred by
 #: N(0, sigma_min^2 I), negligible at this size for the toy data.
@@ -137,13 +139,16 @@ def flow_matching_loss(
     coupling: str = "independent",
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
+    pairing: Pairing | None = None,
 ) -> torch.Tensor:
     """Conditional flow-matching loss E ||u_theta(x_t, t) - u_t||^2 (Lipman et al. 2023).
 
     x1 is the batch, x0 ~ base, t ~ U(0, 1) per sample; ``coupling="ot"`` pairs x0 with x1 by
     :func:`ot_pairing` (Tong et al. 2023), within groups of equal ``context`` for a conditional
     flow. Squared error summed over coordinates, averaged over the batch. The field is called
-    with a per-sample time tensor of shape (batch,) (and the context).
+    with a per-sample time tensor of shape (batch,) (and the context). ``pairing(x0, x1, context)``
+    replaces the OT pairing, returning the paired x0 (several processes pass
+    :func:`cnf.distributed.global_ot_pairing`: one assignment on the global batch).
     """
     preprocess = getattr(flow, "preprocess", None)
     if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
@@ -161,7 +166,7 @@ def flow_matching_loss(
     context = check_context(context, context_dim_of(flow), n, batch)
     x0 = base_sample(flow.base, n, generator).to(batch)
     if coupling == "ot":
-        x0 = x0[ot_pairing_within_contexts(x0, batch, context)]
+        x0 = x0[ot_pairing_within_contexts(x0, batch, context)] if pairing is None else pairing(x0, batch, context)
     t = torch.rand(n, dtype=batch.dtype, device=batch.device, generator=generator)
     xt, ut = conditional_path(x0, batch, t, sigma_min)
     flow.stats = SolveStats(nfe_forward=1, solve="flow_matching")
@@ -179,17 +184,44 @@ def ot_flow_matching_loss(
     sigma_min: float = DEFAULT_SIGMA_MIN,
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
+    pairing: Pairing | None = None,
 ) -> torch.Tensor:
     """Flow matching with the minibatch optimal-transport coupling (OT-CFM, Tong et al. 2023)."""
     return flow_matching_loss(
-        flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator, context=context
+        flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator, context=context, pairing=pairing
     )
+
+
+def elbo_loss(
+    model: nn.Module, batch: torch.Tensor, *, kl_weight: float = 1.0, context: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Negative ELBO per sample of a VAE (:class:`cnf.vae.VAE`) on a dynamically binarised batch.
+
+    ``batch`` holds pixel intensities in [0, 1]; each call draws x ~ Bernoulli(batch) (binary
+    pixels stay as they are). ``kl_weight`` is the warm-up weight beta of the KL term
+    (:func:`kl_warmup_weight`)."""
+    if context is not None:
+        raise ValueError(f"the elbo objective takes no context, got shape {tuple(context.shape)}")
+    if not callable(getattr(model, "elbo", None)):
+        raise TypeError(f"objective 'elbo' needs a model with elbo(x) (a cnf.vae.VAE), got {type(model).__name__}")
+    low, high = float(batch.min()), float(batch.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"elbo batches must hold pixel intensities in [0, 1], got values in [{low}, {high}]")
+    return -model.elbo(torch.bernoulli(batch), kl_weight=kl_weight).mean()
+
+
+def kl_warmup_weight(step: int, warmup: int) -> float:
+    """beta at 0-based ``step``: rising linearly as (step + 1) / warmup to 1 over ``warmup`` steps
+    (the deterministic warm-up of Sonderby et al. 2016, used by Sylvester flows and FFJORD's VAE);
+    1 throughout for warmup = 0."""
+    return 1.0 if warmup <= 0 else min(1.0, (step + 1) / warmup)
 
 
 OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
     "likelihood": nll_loss,
     "flow_matching": flow_matching_loss,
     "ot_flow_matching": ot_flow_matching_loss,
+    "elbo": elbo_loss,
 }
 
 #: The options each objective takes (names of :class:`cnf.TrainSettings` fields).
@@ -197,6 +229,7 @@ OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
     "likelihood": ("kinetic_weight", "jacobian_weight"),
     "flow_matching": ("sigma_min",),
     "ot_flow_matching": ("sigma_min",),
+    "elbo": ("kl_warmup",),
 }
 
 
@@ -224,4 +257,6 @@ def make_objective(
             f"kinetic_weight={kinetic_weight!r} and jacobian_weight={jacobian_weight!r} apply only to "
             f"objective='likelihood' (RNODE); objective={objective!r} integrates no ODE"
         )
+    if objective == "elbo":
+        return elbo_loss
     return functools.partial(OBJECTIVES[objective], sigma_min=sigma_min)

@@ -12,6 +12,8 @@ ones the README's benchmark numbers were measured with.
   the weights (decay 0.999, with the usual warm-up min(decay, (1 + n) / (10 + n))) that is
   what gets validated, checkpointed and returned.
 * RNODE (Finlay et al. 2020) is ``likelihood`` plus :data:`RNODE_WEIGHTS`.
+* ``elbo`` (a :class:`cnf.vae.VAE`): Adam at 1e-3, batch 100, cosine, KL warm-up over 500 steps,
+  early stopping after 10 validations (every 100 steps) without a better validation ELBO.
 
 A time-limited run has no iteration cap (``iters=None``): the cosine schedule then runs over the
 time budget and the run ends when the time is up, never earlier. Without a time limit the cap
@@ -54,6 +56,18 @@ BY_OBJECTIVE: dict[str, dict[str, Any]] = {
     },
     "flow_matching": _FLOW_MATCHING,
     "ot_flow_matching": _FLOW_MATCHING,
+    # VAEs (cnf.vae): the Sylvester-flow / FFJORD-VAE recipe scaled down: Adam 1e-3, batch 100,
+    # linear KL warm-up, early stopping on the validation ELBO
+    "elbo": {
+        "lr": 1e-3,
+        "batch_size": 100,
+        "lr_schedule": "cosine",
+        "iters": 20_000,
+        "val_every": 100,
+        "ema_decay": None,
+        "kl_warmup": 500,
+        "patience": 10,
+    },
 }
 
 
@@ -66,8 +80,15 @@ def _check(objective: str, dim: int, data_kind: str) -> None:
         raise ValueError(f"unknown data_kind {data_kind!r}; choose one of {DATA_KINDS}")
 
 
+#: Integer images (cnf.images.image_flow; measured by benchmarks/images.py on digits): Adam at 1e-3
+#: and batch 128 for every objective, validation every 100 steps, no EMA.
+IMAGE_SETTINGS: dict[str, Any] = {"lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "val_every": 100, "ema_decay": None}
+
+
 def _by_dimension(objective: str, dim: int, data_kind: str) -> dict[str, Any]:
-    """Adjustments of the per-objective recipe by dimension and data kind (none measured yet)."""
+    """Adjustments of the per-objective recipe by dimension and data kind (images so far)."""
+    if data_kind == "image" and objective != "elbo":
+        return dict(IMAGE_SETTINGS)
     return {}
 
 

@@ -25,37 +25,11 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy.spatial import cKDTree
-from scipy.stats import rankdata
 
 import cnf
 from cnf import plots
+from cnf.anomaly import p_values, roc_auc
 from cnf.data import TOY_DATASETS, sample_toy
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` (higher = more anomalous) for 0/1 ``labels``.
-
-    Equals P(score of an anomaly > score of a normal point) + P(tie) / 2, computed from the
-    rank sum of the anomalies (Mann-Whitney U; Hanley & McNeil 1982), ties given mean ranks.
-    """
-    scores = np.asarray(scores, dtype=float).ravel()
-    labels = np.asarray(labels).ravel()
-    if scores.shape != labels.shape:
-        raise ValueError(f"scores and labels must have the same length, got {scores.size} and {labels.size}")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"labels must be 0 (normal) or 1 (anomaly), got values {np.unique(labels)!r}")
-    n_pos = int(labels.sum())
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"labels must contain both classes, got {n_pos} anomalies and {n_neg} normal points")
-    ranks = rankdata(scores)
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def p_values(log_density: np.ndarray, calibration: np.ndarray) -> np.ndarray:
-    """Fraction of the ``calibration`` log densities (held-out normal points) below each value."""
-    reference = np.sort(np.asarray(calibration, dtype=float))
-    return np.searchsorted(reference, np.asarray(log_density, dtype=float), side="left") / reference.size
 
 
 def plant_anomalies(

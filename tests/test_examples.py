@@ -77,10 +77,26 @@ def test_anomaly_detection_quick(tmp_path: Path) -> None:
     assert_pictures(tmp_path, ["score_map.png"])
 
 
+def test_digits_quick(tmp_path: Path) -> None:
+    pytest.importorskip("sklearn")
+    metrics = load_example("digits").main(["--quick", "--out", str(tmp_path)])
+    assert math.isfinite(metrics["test_nll"]) and metrics["test_bits_per_dim"] > 0
+    assert 0.0 <= metrics["roc_auc_rotated"] <= 1.0 and 0.0 <= metrics["roc_auc_noisy"] <= 1.0
+    assert metrics["median_nn_distance_samples"] > 0
+    assert_pictures(tmp_path, ["digits_samples.png", "digits_anomaly.png"])
+
+
 def test_make_gallery_quick(tmp_path: Path) -> None:
     paths = load_example("make_gallery").main(["--quick", "--out", str(tmp_path)])
     assert [p.name for p in paths] == ["probability_path.png", "trajectories.png", "planar_vs_cnf.png"]
     assert_pictures(tmp_path, [p.name for p in paths])
+
+
+def test_images_quick(tmp_path: Path) -> None:
+    summary = load_example("images").main(["--quick", "--out", str(tmp_path)])
+    assert math.isfinite(summary["test_bits_per_dim"]) and summary["test_nfe"] > 0
+    assert summary["sample_nn_distance_median"] > 0
+    assert_pictures(tmp_path, ["samples.png", "path.png", "interpolation.png"])
 
 
 def test_roc_auc_and_p_values() -> None:
@@ -104,7 +120,7 @@ def test_roc_auc_and_p_values() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["two_moons", "eight_gaussians", "checkerboard", "planar_vs_cnf", "anomaly_detection", "make_gallery"],
+    ["two_moons", "eight_gaussians", "checkerboard", "planar_vs_cnf", "anomaly_detection", "make_gallery", "images"],
 )
 def test_examples_do_nothing_at_import(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["example", "--no-such-option"])  # would fail if parsed at import
@@ -117,3 +133,13 @@ def test_conditional_quick(tmp_path: Path) -> None:
     assert summary["mixture_test_nll"] > summary["mixture_true_nll"] - 0.1  # nothing beats the truth
     assert summary["digits_samples_shape"] == [2, 10, 64]
     assert_pictures(tmp_path, ["conditional_densities.png", "digits_by_class.png"])
+
+
+def test_vae_quick(tmp_path: Path) -> None:
+    summary = load_example("vae").main(["--quick", "--images", "2", "--out", str(tmp_path)])
+    families = summary["families"]
+    assert {"gaussian", "planar", "cnf"} <= set(families)
+    for result in families.values():
+        assert result["test_iwae"] < 0 and len(result["kl_q_to_true_posterior"]) == 2
+        assert all(k > -0.2 for k in result["kl_q_to_true_posterior"])  # a KL, up to quadrature/MC error
+    assert_pictures(tmp_path, ["reconstructions.png", "samples.png", "posteriors.png"])

@@ -33,8 +33,8 @@ def test_cli_defaults_are_the_recipe_and_the_benchmark_reads_it(tmp_path: Path, 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["weights"] == "ema" and summary["threads"] == 1
     assert summary["excess_nll"] == pytest.approx(summary["test_nll"] - summary["true_nll"])
-    with pytest.raises(ValueError, match="unknown objective 'elbo'"):
-        recipe("elbo")
+    with pytest.raises(ValueError, match="unknown objective 'score_matching'"):
+        recipe("score_matching")
     assert default_threads(2, cores=16) == 1 and default_threads(784, cores=16) == 8
 
 

@@ -112,8 +112,8 @@ def test_bad_training_inputs(moons) -> None:
         train(small_flow(), data, lr=-1)
     with pytest.raises(ValueError, match="iters must be a positive int, got 0"):
         train(small_flow(), data, iters=0)
-    with pytest.raises(ValueError, match="unknown objective 'elbo'"):
-        train(small_flow(), data, objective="elbo")
+    with pytest.raises(ValueError, match="unknown objective 'score_matching'"):
+        train(small_flow(), data, objective="score_matching")
     with pytest.raises(ValueError, match="data must have 2 columns"):
         train(small_flow(), torch.zeros(10, 3))
 

@@ -19,6 +19,7 @@ from cnf.transforms import (
     Logit,
     Standardize,
     TransformedFlow,
+    Whiten,
     bits_per_dim,
     build_transform,
 )
@@ -53,6 +54,13 @@ def fitted_standardize(shape: tuple[int, ...], pooled: tuple[int, ...] = ()) -> 
     return Standardize.fit(data, pooled)
 
 
+def fitted_whiten(shape: tuple[int, ...]) -> Whiten:
+    size = int(np.prod(shape))
+    mixing = torch.randn(size, size, dtype=F64, generator=gen(2))
+    data = (torch.randn(300, size, dtype=F64, generator=gen(3)) @ mixing.T + 1.0).reshape(300, *shape)
+    return Whiten.fit(data)
+
+
 def integer_data(n: int, dim: int, levels: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, levels, (n, dim), generator=gen(seed)).to(F64)
 
@@ -63,6 +71,8 @@ TRANSFORMS = {
     "logit": (lambda: Logit(0.05), (5, 3)),
     "logit_alpha0_image": (lambda: Logit(0.0), (3, 2, 2, 2)),
     "compose": (lambda: Compose(Logit(1e-3), fitted_standardize((4,))), (5, 4)),
+    "whiten": (lambda: fitted_whiten((3,)), (5, 3)),
+    "whiten_image": (lambda: fitted_whiten((2, 2, 2)), (3, 2, 2, 2)),
 }
 
 
@@ -110,6 +120,23 @@ def test_standardize_uses_training_statistics_per_channel() -> None:
     torch.testing.assert_close(transform.scale[1, 0, 0], channel.std(correction=0))
     y, _ = transform(data)
     torch.testing.assert_close(y[:, 1].std(correction=0), torch.tensor(1.0, dtype=F64))
+
+
+def test_whiten_gives_identity_covariance_on_training_data() -> None:
+    mixing = torch.tensor([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.3, -0.2, 3.0]], dtype=F64)
+    data = torch.randn(500, 3, dtype=F64, generator=gen(0)) @ mixing.T + 4.0
+    whiten = Whiten.fit(data)
+    y, logdet = whiten(data)
+    torch.testing.assert_close(y.mean(0), torch.zeros(3, dtype=F64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.cov(y.T, correction=0), torch.eye(3, dtype=F64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(whiten.matrix, whiten.matrix.T)  # ZCA: symmetric
+    # log|det W| = -1/2 log det Cov: a Gaussian in whitened space is the data's Gaussian fit.
+    cov = torch.cov(data.T, correction=0)
+    torch.testing.assert_close(logdet[0], -0.5 * torch.logdet(cov))
+    copy = build_transform(whiten.config())
+    torch.testing.assert_close(copy(data)[0], y)
+    with pytest.raises(ValueError, match=r"does not fit Whiten statistics of samples shaped \(3,\)"):
+        whiten(torch.zeros(2, 4, dtype=F64))
 
 
 def test_constant_column_gets_scale_one_and_a_warning() -> None:

@@ -1,6 +1,7 @@
 """Invertible preprocessing maps with log|det|, composable and stored in checkpoints.
 
 * :class:`Standardize`: (x - mean) / scale, statistics from the training split.
+* :class:`Whiten`: ZCA whitening, so that a flow starts from the data's Gaussian fit.
 * :class:`Dequantize`: uniform noise within the bins of integer / few-level data.
 * :class:`Logit`: logit(alpha + (1 - 2 alpha) x) for data in [0, 1].
 * :class:`Compose`: a chain of them.
@@ -17,6 +18,7 @@ from cnf.transforms.detect import STEPS, choose_preprocessing
 from cnf.transforms.flow import TransformedFlow, bits_per_dim
 from cnf.transforms.logit import DEFAULT_ALPHA, Logit
 from cnf.transforms.standardize import Standardize
+from cnf.transforms.whiten import Whiten
 
 __all__ = [
     "DEFAULT_ALPHA",
@@ -27,6 +29,7 @@ __all__ = [
     "Standardize",
     "Transform",
     "TransformedFlow",
+    "Whiten",
     "bits_per_dim",
     "build_transform",
     "choose_preprocessing",

@@ -109,10 +109,11 @@ def build_transform(config: dict[str, Any]) -> Transform:
     from cnf.transforms.dequantize import Dequantize
     from cnf.transforms.logit import Logit
     from cnf.transforms.standardize import Standardize
+    from cnf.transforms.whiten import Whiten
 
     if not isinstance(config, dict):
         raise TypeError(f"a transform config must be a dict, got {config!r}")
-    kinds: dict[str, Any] = {cls.kind: cls for cls in (Dequantize, Logit, Standardize)}
+    kinds: dict[str, Any] = {cls.kind: cls for cls in (Dequantize, Logit, Standardize, Whiten)}
     kind = config.get("kind")
     if kind == Compose.kind:
         return Compose(*(build_transform(c) for c in config["transforms"]))

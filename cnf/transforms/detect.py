@@ -25,8 +25,9 @@ from cnf.transforms.base import Compose, Transform, check_sample_batch
 from cnf.transforms.dequantize import Dequantize
 from cnf.transforms.logit import DEFAULT_ALPHA, Logit
 from cnf.transforms.standardize import Standardize
+from cnf.transforms.whiten import Whiten
 
-STEPS = ("dequantize", "logit", "standardize")
+STEPS = ("dequantize", "logit", "standardize", "whiten")
 #: The most distinct integer values that ``auto`` still treats as levels of discrete data.
 MAX_LEVELS = 256
 _SCALE_RANGE = (0.25, 4.0)
@@ -119,6 +120,9 @@ def choose_preprocessing(
             transforms.append(Standardize.fit(current, name="train"))
         notes.extend(str(w.message) for w in caught)
         notes.append("standardize: per-column mean and scale of the training split")
+    if "whiten" in chosen:
+        transforms.append(Whiten.fit(current, name="train"))
+        notes.append("whiten: mean and covariance of the training split (ZCA)")
     if not transforms:
         notes.append("no preprocessing: the data are continuous and on unit scale")
         return None, notes

@@ -1,0 +1,137 @@
+"""VAEs on binarised images with four posterior families: FFJORD's VAE table on this machine's data.
+
+    python -m benchmarks.vae --datasets digits --budget 60          # ~6 min on 2 cores
+    python -m benchmarks.vae --datasets fashion-mnist --budget 120 --n-train 10000 --n-test 1000 --k 200
+    python -m benchmarks.vae --quick                                # seconds; what the tests run
+
+Every posterior (diagonal Gaussian; amortised planar K=16; IAF from zuko, 4 MADE transforms;
+amortised CNF, the conditional MLPField 64x64 softplus, dopri5) gets the same encoder and decoder
+(ELU MLPs, identical initial weights: the same seed builds them before the posterior), the same
+data, the same training budget (``--budget`` wall-clock seconds, or ``--iters`` steps capped by
+``--budget``; Adam, cosine decay over the budget, KL warm-up over ``--kl-warmup`` steps, early
+stopping on the validation ELBO, the best weights kept) and the same
+test images (fixed binarisation, :mod:`cnf.data.binarized`). Reported per test image, mean +- 2
+standard errors: ELBO, the importance-weighted log-likelihood IWAE_k (k = ``--k``), KL(q(z|x) ||
+p(z)) and the gap IWAE_k - ELBO (an under-estimate of KL(q(z|x) || p(z|x))); ``iwae_vs_gaussian``
+is the paired difference to the Gaussian posterior's IWAE_k on the same images.
+
+Writes benchmarks/results/vae.{json,md} (``--name`` to keep several runs apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, write_results
+from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
+from cnf.solver import Solver
+from cnf.training import train
+from cnf.vae import POSTERIORS, VAE
+from cnf.vae.evaluate import evaluate_vae, mean_and_two_se
+
+COLUMNS = (
+    "data", "posterior", "elbo", "elbo_two_se", "iwae", "iwae_two_se", "iwae_vs_gaussian", "vs_two_se",
+    "kl_prior", "gap", "steps", "stopped_by", "train_seconds", "eval_seconds",
+)  # fmt: skip
+
+
+def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
+    torch.manual_seed(args.seed)  # the encoder and decoder are built first: same weights for all
+    layers = args.iaf_transforms if posterior == "iaf" else args.planar_layers
+    solver = Solver(rtol=args.tol, atol=args.tol)
+    return VAE(dim, args.latent_dim, posterior, hidden=args.hidden, flow_hidden=args.flow_hidden,
+               layers=layers, solver=solver)  # fmt: skip
+
+
+def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    data = load_binarized(name, seed=args.seed, n_train=args.n_train)
+    test = data.test[: args.n_test]
+    rows, baseline = [], None
+    for posterior in args.posteriors:
+        if posterior == "iaf" and not zuko_available():
+            rows.append({"data": name, "posterior": posterior, "stopped_by": "skipped: zuko does not import"})
+            continue
+        vae = build(posterior, data.train.shape[1], args)
+        result = train(
+            vae, data.train, data.val, objective="elbo", iters=args.iters, time_limit=args.budget, lr=args.lr,
+            lr_schedule="cosine", batch_size=args.batch_size, kl_warmup=args.kl_warmup, val_every=args.val_every,
+            val_size=args.val_size, patience=args.patience, seed=args.seed, progress=False,
+        )  # fmt: skip
+        metrics = evaluate_vae(vae, test, k=args.k, chunk=args.chunk, seed=args.seed, per_image=True)
+        values = metrics.pop("values")
+        row = {"data": name, "posterior": posterior, **metrics, "steps": result.step,
+               "stopped_by": result.stopped_by, "train_seconds": result.seconds, "eval_seconds": metrics["seconds"]}  # fmt: skip
+        if posterior == "gaussian":
+            baseline = values["iwae"]
+        if baseline is not None:
+            row["iwae_vs_gaussian"], row["vs_two_se"] = mean_and_two_se(values["iwae"] - baseline)
+        rows.append(row)
+        print({k: row.get(k) for k in COLUMNS}, flush=True)
+    return rows
+
+
+def zuko_available() -> bool:
+    try:
+        import zuko  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["digits"], choices=BINARIZED_DATASETS)
+    parser.add_argument("--posteriors", nargs="+", default=["gaussian", "planar", "iaf", "cnf"], choices=POSTERIORS)
+    parser.add_argument("--budget", type=float, default=60.0, help="training seconds per posterior and data set")
+    parser.add_argument("--iters", type=int, default=10**9, help="training steps per posterior (--budget caps)")
+    parser.add_argument("--n-train", type=int, default=None, help="training images kept (default all)")
+    parser.add_argument("--n-test", type=int, default=None, help="test images scored (default all)")
+    parser.add_argument("--k", type=int, default=1000, help="samples of the importance-weighted bound")
+    parser.add_argument("--chunk", type=int, default=250, help="IWAE samples drawn per pass")
+    parser.add_argument("--latent-dim", type=int, default=8)
+    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="encoder / decoder widths")
+    parser.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64])
+    parser.add_argument("--planar-layers", type=int, default=16)
+    parser.add_argument("--iaf-transforms", type=int, default=4)
+    parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the CNF posterior's solves")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--kl-warmup", type=int, default=500, help="steps of linear KL warm-up")
+    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--val-size", type=int, default=1000)
+    parser.add_argument("--patience", type=int, default=10, help="validations without improvement")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a few seconds (for the tests)")
+    parser.add_argument("--name", default="vae", help="results file name")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.datasets, args.budget, args.n_train, args.n_test, args.k, args.chunk = ["digits"], 0.5, 200, 20, 5, 5
+        args.hidden, args.flow_hidden, args.tol, args.val_every, args.latent_dim = [16], [8], 1e-3, 5, 2
+        args.planar_layers, args.iaf_transforms = 2, 1
+    args.hidden, args.flow_hidden = tuple(args.hidden), tuple(args.flow_hidden)
+    torch.set_num_threads(args.threads)
+    rows = [row for name in args.datasets for row in run_dataset(name, args)]
+    meta = {
+        "command": "python -m benchmarks.vae " + " ".join(sys.argv[1:] if argv is None else argv),
+        "budget_seconds": args.budget,
+        "iters": args.iters,
+        "k": args.k,
+        "latent_dim": args.latent_dim,
+        "hidden": args.hidden,
+        "threads": args.threads,
+        "note": "nats per image; two_se over test images; iwae_vs_gaussian paired on the same images",
+    }
+    write_results(args.name, rows, COLUMNS, meta, Path(args.out) if args.out else RESULTS)
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Pictures of a VAE: image grids (reconstructions, prior samples) and 2-D posteriors q(z | x)
+beside the true posterior on a grid (:func:`cnf.vae.evaluate.grid_posterior`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_image_rows(
+    rows: Mapping[str, torch.Tensor], shape: Sequence[int], path: str | Path, title: str = ""
+) -> Path:
+    """One row of grey images per entry (label -> (n, H*W) values in [0, 1])."""
+    n = max(v.shape[0] for v in rows.values())
+    fig = _figure(1.0 * n + 1.2, 1.0 * len(rows) + 0.4)
+    for r, (label, images) in enumerate(rows.items()):
+        for c in range(images.shape[0]):
+            ax = fig.add_subplot(len(rows), n, r * n + c + 1)
+            ax.imshow(images[c].detach().reshape(*shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def plot_posteriors(
+    panels: Mapping[str, dict[str, torch.Tensor]],
+    kl: Mapping[str, torch.Tensor],
+    path: str | Path,
+) -> Path:
+    """Rows: posterior families; per test image two panels, q(z | x) and the true p(z | x) of that
+    family's model, with KL(q || p) in the title. ``panels[family]`` is a grid_posterior dict."""
+    families = list(panels)
+    images = panels[families[0]]["log_q"].shape[0]
+    fig = _figure(2.0 * 2 * images, 2.1 * len(families))
+    for r, family in enumerate(families):
+        grid = panels[family]
+        axis = grid["axis"].numpy()
+        size = axis.size
+        for i in range(images):
+            for j, (what, key) in enumerate((("q(z|x)", "log_q"), ("true p(z|x)", "log_true"))):
+                ax = fig.add_subplot(len(families), 2 * images, r * 2 * images + 2 * i + j + 1)
+                density = np.exp(grid[key][i].numpy()).reshape(size, size)
+                ax.pcolormesh(axis, axis, density, shading="auto", cmap="viridis")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                label = f"{family}: {what}" if j == 0 else what
+                if j == 0:
+                    label += f"\nKL={float(kl[family][i]):.3f}"
+                ax.set_title(f"image {i}: {label}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)

@@ -1,0 +1,294 @@
+"""VAEs with flow posteriors: bounds against a linear-Gaussian model's closed form, log|det| of
+the amortised flows against autograd, gradients, data, training hooks and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import logm, sqrtm
+from scipy.stats import multivariate_normal
+from torch import nn
+
+from cnf import CNF, Solver
+from cnf.checkpoint import load_checkpoint
+from cnf.data.binarized import load_binarized
+from cnf.losses import elbo_loss, kl_warmup_weight
+from cnf.training import EarlyStopping, TrainSettings, train
+from cnf.vae import POSTERIORS, VAE, Posterior
+from cnf.vae.posteriors import standard_normal_log_prob
+
+D, LATENT, NOISE = 5, 2, 0.5
+
+
+def linear_gaussian(seed: int = 0, orthogonal: bool = True) -> dict[str, np.ndarray]:
+    """p(z) = N(0, I_2), p(x | z) = N(W z + b, NOISE^2 I_5): posterior and evidence in closed form."""
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(D, LATENT))
+    if orthogonal:  # orthogonal columns: a diagonal posterior covariance
+        W = np.linalg.qr(W)[0] * np.array([1.5, 0.7])
+    b = rng.normal(size=D)
+    cov = np.linalg.inv(np.eye(LATENT) + W.T @ W / NOISE**2)
+    return {"W": W, "b": b, "cov": cov, "gain": cov @ W.T / NOISE**2}
+
+
+def evidence(model: dict[str, np.ndarray], x: torch.Tensor) -> torch.Tensor:
+    W, b = model["W"], model["b"]
+    dist = multivariate_normal(b, W @ W.T + NOISE**2 * np.eye(D))
+    return torch.as_tensor(dist.logpdf(x.numpy()))
+
+
+class GaussianDecoder(nn.Module):
+    def __init__(self, model: dict[str, np.ndarray]) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.as_tensor(model["W"]))
+        self.b = nn.Parameter(torch.as_tensor(model["b"]))
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        return z @ self.W.T + self.b
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        r = (x - self.mean(z)) / NOISE
+        return -0.5 * (r * r).sum(-1) - D * math.log(NOISE) - 0.5 * D * math.log(2 * math.pi)
+
+
+class LinearEncoder(nn.Module):
+    """q0(z | x) = N(G (x - b) + shift, diag(exp(2 log_std))); h(x) = x."""
+
+    context_dim = D
+
+    def __init__(self, gain: np.ndarray, b: np.ndarray, log_std: np.ndarray) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.as_tensor(gain))
+        self.b = torch.as_tensor(b)
+        self.log_std = nn.Parameter(torch.as_tensor(log_std))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean = (x - self.b) @ self.gain.T
+        return mean, self.log_std.expand_as(mean), x
+
+
+class LinearContextField(nn.Module):
+    """u(z, t, h) = A z: a conditional field (it takes the context) that ignores the context."""
+
+    def __init__(self, A: np.ndarray) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.as_tensor(A))
+        self.dim, self.context_dim = LATENT, D
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return z @ self.A.T
+
+
+def data(model: dict[str, np.ndarray], n: int = 64, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, LATENT, generator=g, dtype=torch.float64)
+    return (
+        z @ torch.as_tensor(model["W"]).T
+        + torch.as_tensor(model["b"])
+        + NOISE * torch.randn(n, D, generator=g, dtype=torch.float64)
+    )
+
+
+def exact_gaussian_vae(model: dict[str, np.ndarray]) -> VAE:
+    encoder = LinearEncoder(model["gain"], model["b"], 0.5 * np.log(np.diag(model["cov"])))
+    return VAE(D, LATENT, "gaussian", encoder=encoder, decoder=GaussianDecoder(model)).double()
+
+
+def test_elbo_equals_log_evidence_for_the_exact_diagonal_posterior() -> None:
+    model = linear_gaussian()
+    assert abs(model["cov"][0, 1]) < 1e-12
+    x = data(model)
+    vae = exact_gaussian_vae(model)
+    log_px = evidence(model, x)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.testing.assert_close(vae.elbo(x), log_px, rtol=0, atol=1e-10)
+        torch.testing.assert_close(vae.iwae_bound(x, 7), log_px, rtol=0, atol=1e-10)
+
+
+def test_cnf_posterior_is_exact_for_a_correlated_posterior_where_the_gaussian_is_not() -> None:
+    """Correlated true posterior N(m, S): the linear CNF z -> S^(1/2) z applied to
+    q0 = N(S^(-1/2) m, I) is exact, so its ELBO (log q from the continuity equation) is log p(x)."""
+    model = linear_gaussian(seed=3, orthogonal=False)
+    assert abs(model["cov"][0, 1]) > 0.01
+    root = np.real(sqrtm(model["cov"]))
+    encoder = LinearEncoder(np.linalg.solve(root, model["gain"]), model["b"], np.zeros(LATENT))
+    flow = CNF(LinearContextField(np.real(logm(root))), solver=Solver(rtol=1e-10, atol=1e-10))
+    vae = VAE(
+        D, LATENT, Posterior(LATENT, D, flow=flow), encoder=encoder, decoder=GaussianDecoder(model)
+    ).double()
+    x = data(model, n=16)
+    log_px = evidence(model, x)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        torch.testing.assert_close(vae.elbo(x), log_px, rtol=0, atol=1e-7)
+        # the best diagonal Gaussian (the true conditionals' variances) falls short for every x
+        diagonal = LinearEncoder(
+            model["gain"], model["b"], -0.5 * np.log(np.diag(np.linalg.inv(model["cov"])))
+        )
+        mean_field = VAE(D, LATENT, "gaussian", encoder=diagonal, decoder=GaussianDecoder(model)).double()
+        expected_elbo = mean_field.log_weights(x, 4000)["log_w"].mean(0)
+        assert bool((expected_elbo < log_px - 0.01).all())
+
+
+def test_iwae_bound_increases_with_k_and_stays_below_log_evidence() -> None:
+    model = linear_gaussian(seed=5, orthogonal=False)
+    vae = exact_gaussian_vae(model)  # diagonal q for a correlated posterior, log_std too small
+    with torch.no_grad():
+        vae.encoder.log_std.sub_(0.4)
+    x = data(model, n=32)
+    log_px = evidence(model, x)
+    repeats = 200
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(0)
+        bounds = {
+            k: torch.stack([vae.iwae_bound(x, k) for _ in range(repeats)]) - log_px for k in (1, 4, 16, 64)
+        }
+    means = {k: float(v.mean()) for k, v in bounds.items()}
+    errors = {k: float(v.mean(1).std() / math.sqrt(repeats)) for k, v in bounds.items()}
+    ks = sorted(means)
+    for small, large in zip(ks[:-1], ks[1:]):  # each gap step is many standard errors wide
+        assert means[large] - means[small] > 3 * (errors[large] + errors[small]), (means, errors)
+    assert all(means[k] <= 2 * errors[k] for k in ks)
+    assert means[1] < -0.05  # the approximation is visibly imperfect, so the ordering is informative
+
+
+def flow_map(posterior: Posterior, context: torch.Tensor):
+    def apply(z0: torch.Tensor) -> torch.Tensor:
+        return posterior.flow.inverse_and_log_prob(z0.unsqueeze(0), context=context)[0][0]
+
+    return apply
+
+
+@pytest.mark.parametrize("family", ["planar", "cnf"])
+def test_amortised_flow_log_det_matches_autograd_and_its_inverse(family: str) -> None:
+    torch.manual_seed(0)
+    solver = Solver(rtol=1e-10, atol=1e-10)
+    posterior = Posterior(3, 4, family, layers=5, hidden=(8,), solver=solver).double()
+    with torch.no_grad():  # make the context matter
+        for p in posterior.parameters():
+            p.mul_(3.0)
+    contexts = torch.randn(4, 4, dtype=torch.float64)
+    z0 = torch.randn(4, 3, dtype=torch.float64)
+    z, log_p = posterior.flow.inverse_and_log_prob(z0, context=contexts)
+    log_det = standard_normal_log_prob(z0) - log_p
+    for i in range(4):
+        jac = torch.autograd.functional.jacobian(flow_map(posterior, contexts[i : i + 1]), z0[i])
+        torch.testing.assert_close(log_det[i], torch.linalg.slogdet(jac)[1], rtol=0, atol=1e-7)
+    # the sampling path's log q(z | x) equals the scoring path's (the inverse: root finding / 1 -> 0 solve)
+    mean, log_std = torch.randn(4, 3, dtype=torch.float64), 0.3 * torch.randn(4, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    zs, log_q = posterior.sample_and_log_prob(mean, log_std, contexts, k=2)
+    torch.testing.assert_close(posterior.log_prob(zs, mean, log_std, contexts), log_q, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", POSTERIORS)
+def test_gradients_reach_encoder_decoder_and_flow(family: str) -> None:
+    if family == "iaf":
+        pytest.importorskip("zuko")
+    torch.manual_seed(0)
+    vae = VAE(16, 2, family, hidden=(8,), flow_hidden=(8,), layers=2, solver=Solver(rtol=1e-4, atol=1e-4))
+    x = torch.bernoulli(torch.full((6, 16), 0.4))
+    vae.elbo(x, kl_weight=0.5).mean().neg().backward()
+    for part in ("encoder", "decoder", "posterior"):
+        params = list(getattr(vae, part).named_parameters())
+        if part == "posterior" and family == "gaussian":
+            assert not params
+            continue
+        missing = [n for n, p in params if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+        assert params and not missing, (part, missing)
+
+
+def test_binarized_digits_are_dynamic_for_training_and_fixed_for_test() -> None:
+    first, second = load_binarized("digits"), load_binarized("digits", n_train=100)
+    assert first.train.shape == (1438, 64) and first.val.shape == (179, 64) and first.shape == (8, 8)
+    assert ((first.train > 0) & (first.train < 1)).any() and first.train.min() >= 0 and first.train.max() <= 1
+    assert set(first.test.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(first.test, second.test) and torch.equal(first.val, second.val)
+    assert second.train.shape == (100, 64)
+    with pytest.raises(ValueError, match="unknown binarised dataset 'mnist'"):
+        load_binarized("mnist")
+
+
+def test_elbo_training_checkpoints_resumes_and_stops_early(tmp_path) -> None:
+    data = load_binarized("digits", n_train=200)
+    torch.manual_seed(0)
+    vae = VAE(64, 2, "planar", hidden=(16,), flow_hidden=(8,), layers=2)
+    settings = TrainSettings(objective="elbo", iters=6, batch_size=32, val_every=3, kl_warmup=4, lr=1e-3)
+    result = train(vae, data.train, data.val, settings=settings, out=tmp_path, progress=False)
+    assert result.step == 6 and math.isfinite(result.val_nll)
+    restored, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert isinstance(restored, VAE) and restored.posterior.family == "planar"
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    torch.testing.assert_close(restored.elbo(data.test, generator=g1), vae.elbo(data.test, generator=g2))
+    more = train(restored, data.train, data.val, settings=settings, out=tmp_path, resume=tmp_path / "checkpoint.pt",
+                 progress=False, iters=9)  # fmt: skip
+    assert more.step == 9
+    # early stopping: a learning rate of 0 never improves, so it stops after `patience` validations
+    stop = train(vae, data.train, data.val, settings=settings, progress=False, iters=50, val_every=1, lr=1e-12,
+                 patience=2)  # fmt: skip
+    assert stop.stopped_by == "early_stopping" and stop.step < 50
+    # with an EMA of the weights the averaged weights are validated, kept and returned
+    ema_stop = train(vae, data.train, data.val, settings=settings, progress=False, iters=50, val_every=1, lr=1e-12,
+                     patience=2, ema_decay=0.5)  # fmt: skip
+    for run in (stop, ema_stop):  # the result reports the best validation, whose weights were kept
+        assert run.stopped_by == "early_stopping"
+        assert run.val_nll == min(r["val_nll"] for r in run.history if "val_nll" in r)
+
+
+def test_kl_warmup_and_early_stopping_rules() -> None:
+    assert [kl_warmup_weight(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert kl_warmup_weight(0, 0) == 1.0
+    assert TrainSettings(objective="elbo", kl_warmup=10).loss_kwargs(4) == {"kl_weight": 0.5}
+    assert TrainSettings().loss_kwargs(4) == {}
+    model = nn.Linear(1, 1)
+    stopper = EarlyStopping(2)
+    assert [stopper.should_stop(v, model.state_dict(), s) for s, v in enumerate([3.0, 2.0, 2.5, 1.9, 2.0, 2.1])] == [
+        False, False, False, False, False, True,
+    ]  # fmt: skip
+    assert stopper.best == 1.9 and stopper.best_step == 3
+
+
+def test_bad_input_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="unknown posterior 'sylvester'"):
+        VAE(4, 2, "sylvester")
+    with pytest.raises(ValueError, match="posterior has latent_dim=3, the VAE latent_dim=2"):
+        VAE(4, 2, Posterior(3, 4, "planar"))
+    vae = VAE(4, 2, hidden=(4,))
+    with pytest.raises(ValueError, match="k must be a positive int, got 0"):
+        vae.iwae_bound(torch.zeros(3, 4), 0)
+    with pytest.raises(ValueError, match="x must"):
+        vae.elbo(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"intensities in \[0, 1\], got values in \[0.0, 2.0\]"):
+        elbo_loss(vae, torch.tensor([[0.0, 2.0, 1.0, 0.5]]))
+    with pytest.raises(ValueError, match="kl_warmup=5 applies only to objective='elbo'"):
+        TrainSettings(kl_warmup=5)
+    with pytest.raises(ValueError, match="patience must be a positive int"):
+        TrainSettings(patience=0)
+    with pytest.raises(TypeError, match="needs a model with elbo"):
+        elbo_loss(nn.Linear(4, 4), torch.zeros(2, 4))
+
+
+def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
+    from cnf.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", "vae", "--posterior", "cnf", "--data", "digits", "--iters", "3", "--batch-size", "32",
+            "--hidden", "16", "--flow-hidden", "8", "--latent-dim", "2", "--kl-warmup", "2", "--rtol", "1e-3",
+            "--atol", "1e-3", "--iwae-samples", "4", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["posterior"] == "cnf" and summary["steps"] == 3 and summary["test_k"] == 4
+    assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
+    resumed = ["train", "--resume", str(out / "checkpoint.pt"), "--iters", "5", "--iwae-samples", "4"]
+    assert main(resumed) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 5 and summary["posterior"] == "cnf" and summary["settings"]["kl_warmup"] == 2
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--n", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
+    assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
+    assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
