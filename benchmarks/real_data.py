@@ -17,6 +17,7 @@ Models:
 * ``kde``: scikit-learn KernelDensity (Gaussian kernel), bandwidth chosen on validation;
 * ``zuko-maf``, ``zuko-nsf``: zuko's MAF and NSF (5 transforms, 256x2 networks, Adam 1e-3);
 * ``zuko-cnf``: zuko's CNF (256x2 ELU; trained with its Hutchinson estimator, scored exactly);
+* ``cnf-default``: what ``cnf train`` uses with no flags (:mod:`cnf.recipes` for this dimension);
 * ``cnf-*``: cnf's recipes (:data:`CNF_RECIPES`; maximum likelihood, RNODE, OT flow matching).
 
 Every torch model trains for the same wall-clock ``--budget`` (validation and scoring not
@@ -50,10 +51,11 @@ from benchmarks.common import RESULTS, write_results
 from cnf import CNF, MLPField, Solver
 from cnf.adapters import MISSING_ZUKO, ZukoFlow, zuko_available
 from cnf.data.real import REAL_DATASETS, load_real
+from cnf.recipes import EVALUATION_SOLVER, default_objective, model_recipe, recipe
 from cnf.training import TrainSettings
 from cnf.transforms import TransformedFlow, bits_per_dim, choose_preprocessing
 
-EVAL_TOL = 1e-5
+EVAL_TOL = EVALUATION_SOLVER["rtol"]
 VAL_TOL = 1e-4  # model selection needs ranking, not the last digit
 TEST_NOISE_SEED = 12345  # one dequantisation draw of the test set, shared by all models
 PLOT_POINTS = 2000
@@ -101,7 +103,7 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
 }
 BASELINES = ("gaussian", "gmm", "kde")
 ZUKO_MODELS = ("zuko-maf", "zuko-nsf", "zuko-cnf")
-DEFAULT_MODELS = (*BASELINES, *ZUKO_MODELS, *CNF_RECIPES)
+DEFAULT_MODELS = (*BASELINES, *ZUKO_MODELS, "cnf-default", *CNF_RECIPES)
 COLUMNS = (
     "data",
     "model",
@@ -218,7 +220,7 @@ def build_flow(name: str, dim: int, quick: bool) -> tuple[nn.Module, dict[str, A
         if quick:
             flow.transform.atol = flow.transform.rtol = 1e-3
         return ZukoFlow(flow, dim, "cnf", (0, 0)), {"lr": 1e-3, "batch_size": 256}
-    recipe = {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
+    recipe = default_recipe(dim) if name == "cnf-default" else {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
     field = MLPField(dim, hidden=small or tuple(recipe["hidden"]))
     flow = CNF(
@@ -234,6 +236,26 @@ def build_flow(name: str, dim: int, quick: bool) -> tuple[nn.Module, dict[str, A
     }
     options["ema_decay"] = recipe.get("ema_decay")
     return flow, options
+
+
+def default_recipe(dim: int) -> dict[str, Any]:
+    """What ``cnf train --data NAME`` uses with no flags: cnf.recipes for this dimension."""
+    model = model_recipe(dim, "tabular")
+    objective = default_objective(dim, "tabular")
+    settings = recipe(objective, dim, "tabular")
+    solver = {k: model[k] for k in ("method", "rtol", "atol")}
+    options = {
+        k: settings[k] for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight") if k in settings
+    }
+    return {
+        "objective": objective,
+        "hidden": tuple(model["hidden"]),
+        "divergence": model["divergence"],
+        "noise": model["noise"],
+        "solver": solver,
+        "ema_decay": settings.get("ema_decay"),
+        **options,
+    }
 
 
 class Scoring:

@@ -89,3 +89,33 @@ def test_cli_preprocess_none_keeps_a_plain_cnf(tmp_path: Path, capsys: pytest.Ca
     assert "no preprocessing" in capsys.readouterr().out
     assert main(["train", "--data", "wine", "--out", str(out), "--preprocess", "logit", *tiny[:-2]]) == 2
     assert "x must lie in the open interval" in capsys.readouterr().err
+
+
+def test_recipes_by_dimension() -> None:
+    from cnf.recipes import default_objective, model_recipe, recipe
+
+    assert model_recipe(2, "toy") == {} and default_objective(2, "toy") == "likelihood"
+    assert recipe("likelihood", 2, "toy")["lr"] == 5e-3  # the toys keep their measured recipe
+    assert model_recipe(8, "tabular")["divergence"] == "exact"
+    assert model_recipe(64, "tabular")["divergence"] == "hutchinson"
+    assert model_recipe(64, "tabular")["noise"] == "rademacher"
+    assert default_objective(64, "tabular") == "ot_flow_matching"
+    assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 1e-3
+
+
+def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> None:
+    import cnf
+    from cnf.recipes import EVALUATION_SOLVER, exact_evaluation
+
+    torch.manual_seed(0)
+    field = cnf.MLPField(3, hidden=(8,))
+    training = cnf.Solver(method="rk4", step_size=0.5)
+    inner = cnf.CNF(field, divergence="hutchinson", noise="rademacher", solver=training).double()
+    flow = cnf.TransformedFlow(inner, Standardize(torch.ones(3, dtype=F64), 2 * torch.ones(3, dtype=F64)))
+    x = torch.randn(6, 3, dtype=F64)
+    reference = cnf.CNF(field, solver=cnf.Solver(**EVALUATION_SOLVER)).double()
+    with torch.no_grad(), exact_evaluation(flow):
+        scored = flow.log_prob(x)
+    expected = reference.log_prob((x - 1) / 2) - 3 * np.log(2.0)
+    torch.testing.assert_close(scored, expected, atol=1e-7, rtol=0)
+    assert inner.divergence == "hutchinson" and inner.solver == training
