@@ -11,7 +11,7 @@ import torch
 
 from cnf.cli import main
 from cnf.data import sample_toy
-from cnf.transforms import Dequantize, Logit, Standardize, choose_preprocessing
+from cnf.transforms import Dequantize, Logit, Standardize, Whiten, choose_preprocessing
 
 F64 = torch.float64
 
@@ -20,26 +20,27 @@ def kinds(transform) -> list[type]:
     return [type(t) for t in transform.leaves()]
 
 
-def test_integer_data_are_dequantized_logit_and_standardized() -> None:
+def test_integer_data_are_dequantized_logit_and_whitened() -> None:
     train = torch.randint(0, 17, (200, 5), generator=torch.Generator().manual_seed(0)).to(F64)
     transform, notes = choose_preprocessing(train)
-    assert kinds(transform) == [Dequantize, Logit, Standardize]
+    assert kinds(transform) == [Dequantize, Logit, Whiten]
     dequantize = next(transform.leaves())
     assert (dequantize.levels, dequantize.low) == (17, 0.0)
     assert notes[0].startswith("dequantize: every value is an integer, 17 levels")
     y, logdet = transform(train)
-    # Standardised on the training split: the transformed training data have mean ~0, std ~1.
+    # Whitened on the training split: the transformed training data have mean ~0, std ~1.
     assert y.mean(0).abs().max() < 0.15 and (y.std(0) - 1).abs().max() < 0.15
     assert torch.isfinite(logdet).all()
 
 
 def test_unit_interval_scaled_and_unit_scale_data() -> None:
     unit = torch.rand(100, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
-    assert kinds(choose_preprocessing(unit)[0]) == [Logit, Standardize]
+    assert kinds(choose_preprocessing(unit)[0]) == [Logit, Whiten]
     wide = torch.randn(100, 3, dtype=F64) * torch.tensor([1.0, 100.0, 1.0], dtype=F64)
-    assert kinds(choose_preprocessing(wide)[0]) == [Standardize]
+    assert kinds(choose_preprocessing(wide)[0]) == [Whiten]
+    assert kinds(choose_preprocessing(wide[:5])[0]) == [Standardize]  # too few rows for a covariance
     shifted = torch.randn(100, 2, dtype=F64) + 20.0
-    assert kinds(choose_preprocessing(shifted)[0]) == [Standardize]
+    assert kinds(choose_preprocessing(shifted)[0]) == [Standardize]  # 2-D: columns only
     transform, notes = choose_preprocessing(sample_toy("moons", 1000, 0))
     assert transform is None and "no preprocessing" in notes[-1]
 
