@@ -465,7 +465,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--datasets", nargs="+", default=list(REAL_DATASETS), choices=REAL_DATASETS)
     parser.add_argument(
-        "--models", nargs="+", default=list(DEFAULT_MODELS), help=f"of {(*DEFAULT_MODELS, *RECIPE_VARIANTS)}"
+        "--models",
+        nargs="+",
+        default=list(DEFAULT_MODELS),
+        help=f"of {tuple(dict.fromkeys((*DEFAULT_MODELS, *CNF_RECIPES, *RECIPE_VARIANTS)))}",
     )
     parser.add_argument(
         "--budget", type=float, default=60.0, help="training seconds per torch model and seed"
@@ -482,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for the tests)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    known = (*DEFAULT_MODELS, *RECIPE_VARIANTS)
+    known = tuple(dict.fromkeys((*DEFAULT_MODELS, *CNF_RECIPES, *RECIPE_VARIANTS)))
     unknown = [m for m in args.models if m not in known]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {known}")
