@@ -2,12 +2,18 @@
 
 cnf train --data moons --model cnf --out runs/moons
 cnf evaluate --checkpoint runs/moons/checkpoint.pt --data moons --json
+
+Conditional flows p(x | c) from a table: ``cnf train --data table.npy --context-columns 2 3``
+takes columns 2 and 3 as c (standardised; the statistics are buffers of the checkpoint),
+``cnf evaluate`` reports the conditional NLL, ``cnf sample --context "0.3,1.2"`` (or
+``--context-file contexts.npy`` with one context per row) draws from p(x | c).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import sys
 import time
@@ -19,21 +25,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__, tuning
+from cnf import __version__, cli_images, distributed, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
+from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
-from cnf.planar import PlanarFlow
+from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.recipes import default_objective, exact_evaluation, model_recipe, recipe
 from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
     LOG_NAME,
     SUMMARY_NAME,
+    TrainingError,
     TrainingInterrupted,
     TrainSettings,
     _existing_run_files,
@@ -89,12 +97,41 @@ def explicit(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     return given
 
 
-def build_model(args: argparse.Namespace, dim: int) -> torch.nn.Module:
+def build_model(args: argparse.Namespace, dim: int, context_dim: int | None = None) -> torch.nn.Module:
     if args.model == "planar":
-        return PlanarFlow(dim, args.layers)
+        if context_dim is None:
+            return PlanarFlow(dim, args.layers)
+        return ConditionalPlanarFlow(dim, args.layers, context_dim)
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
-    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation)
+    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation, context_dim=context_dim)
     return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
+
+
+def context_split(
+    sets: Sequence[torch.Tensor], columns: Sequence[int] | None, source: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """Each table's (x, c) for ``--context-columns`` (c None without them)."""
+    if not columns:
+        return list(sets), [None] * len(sets)
+    if Path(source).suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--context-columns needs a .npy/.csv table as --data, got {source!r}")
+    pairs = [split_context_columns(s, columns) for s in sets]
+    return [x for x, _ in pairs], [c for _, c in pairs]
+
+
+def context_columns(config: dict[str, Any] | None) -> list[int] | None:
+    """The ``--context-columns`` a checkpoint's flow was trained with (inside any preprocessing)."""
+    while isinstance(config, dict):
+        if config.get("context_columns"):
+            return config["context_columns"]
+        config = config.get("flow")
+    return None
+
+
+def fit_context_standardization(flow: torch.nn.Module, contexts: torch.Tensor) -> None:
+    for module in flow.modules():
+        if isinstance(module, ContextStandardization):
+            module.fit(contexts.to(module.mean))
 
 
 def is_file_source(source: str) -> bool:
@@ -124,14 +161,19 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
     return load_data(source, n=n, seed=seed)
 
 
-def timed_nll(flow: torch.nn.Module, data: torch.Tensor, exact: bool = True) -> dict[str, Any]:
-    """Test NLL in nats (data units), NFE of the scoring solve and seconds, all from one pass;
-    bits per dimension too for discrete data (a flow whose preprocessing dequantises). With
-    ``exact`` a CNF scores with the exact divergence at the recipes' evaluation tolerance
-    (:func:`cnf.recipes.exact_evaluation`), whatever it trained with; else with its own solver."""
+def timed_nll(
+    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None, exact: bool = True
+) -> dict[str, Any]:
+    """Test NLL in nats (data units; conditional, mean -log p(x | c), with a context), NFE of the
+    scoring solve and seconds, all from one pass; bits per dimension too for discrete data (a
+    flow whose preprocessing dequantises). With ``exact`` a CNF scores with the exact divergence
+    at the recipes' evaluation tolerance (:func:`cnf.recipes.exact_evaluation`), whatever it
+    trained with; else with its own solver."""
     start = time.perf_counter()
     with torch.no_grad(), exact_evaluation(flow) if exact else contextlib.nullcontext():
-        log_prob = flow.log_prob(data)
+        data = data.to(distributed.flow_device(flow))
+        conditional = {} if context is None else {"context": context.to(data.device)}
+        log_prob = flow.log_prob(data, **conditional)
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -183,10 +225,12 @@ def _resume_path(resume: str) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
-def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list]:
-    """Settings of a new run: recipe for the objective, then the flags given."""
+def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
+    """Settings of a new run: recipe for the objective, then the flags given. The last item holds
+    the splits' contexts (``--context-columns``; Nones without)."""
     run = {**RUN_DEFAULTS, **explicit(args, list(RUN_DEFAULTS))}
     splits = load_splits(run["data"], run["n_train"], run["seed"])
+    splits, contexts = context_split(splits, args.context_columns, run["data"])
     dim = splits[0].shape[1]
     data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
     # Flags left out: the model recipe of this dimension and kind of data (cnf.recipes).
@@ -194,18 +238,22 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.manual_seed(run["seed"])
-    flow = preprocessed(args, run["data"], build_model(args, dim), splits[0])
+    model = build_model(args, dim, None if contexts[0] is None else contexts[0].shape[1])
+    if contexts[0] is not None:
+        fit_context_standardization(model, contexts[0])
+        model.context_columns = run["context_columns"] = list(args.context_columns)
+    flow = preprocessed(args, run["data"], model, splits[0])
     objective = args.objective or default_objective(dim, data_kind)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
     base = recipe(objective, dim, data_kind, time_limit=time_limit)
     settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     run["data_kind"] = data_kind
-    return run, flow, settings, list(splits)
+    return run, flow, settings, list(splits), contexts
 
 
 def _resumed_run(
     args: argparse.Namespace, checkpoint: Path
-) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list[str]]:
+) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list[str], list]:
     """The run's own data, model, solver and settings from its checkpoint; flags given change them."""
     payload = read_checkpoint(checkpoint)
     saved_run = payload.get("run") or {}
@@ -232,6 +280,8 @@ def _resumed_run(
                 f"{name}={saved_model[name]!r}, got {value!r}; start a new run (another --out) instead"
             )
     splits = load_splits(run["data"], run["n_train"], run["seed"])
+    columns = context_columns(outer)
+    splits, contexts = context_split(splits, columns, run["data"])
     saved_shape = event_shape(config.get("dim"))
     if saved_shape is not None and tuple(splits[0].shape[1:]) != saved_shape:
         raise ValueError(
@@ -240,6 +290,7 @@ def _resumed_run(
         )
     flow = build_flow(outer)
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    inner.context_columns = columns
     if isinstance(inner, CNF):
         solver_changes = {k: v for k, v in explicit(args, ["method", "rtol", "atol", "adjoint"]).items()}
         for name in ("divergence", "noise"):
@@ -257,38 +308,119 @@ def _resumed_run(
         if value != getattr(saved, name):
             changes.append(f"{name} {getattr(saved, name)} -> {value}")
     settings = TrainSettings(**{**asdict(saved), **given})
-    return run, flow, settings, list(splits), changes
+    return run, flow, settings, list(splits), changes, contexts
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``cnf train``: here, on ``--nproc`` local processes (relaunched through torchrun), or as one
+    rank of a process group that torchrun started (``torchrun ... -m cnf train``)."""
+    several = distributed.launched_with_several_processes()
+    if args.nproc > 1 and not several:
+        return distributed.launch(args.nproc, ["cnf", *without_option(args.argv, "--nproc")])
+    if not several:
+        return _train_here(args, distributed.current_cluster())
+    cluster = distributed.init(args.device, timeout=args.dist_timeout)
+    try:  # ranks other than 0 keep quiet: rank 0 prints and writes for the run
+        with contextlib.nullcontext() if cluster.is_main else contextlib.redirect_stdout(io.StringIO()):
+            code = _train_here(args, cluster)
+    except Exception as error:
+        distributed.shutdown(wait_for_peers=False)
+        if isinstance(error, (TrainingError, ValueError, TypeError)):  # these name the rank or concern all
+            raise
+        raise RuntimeError(f"{cluster.describe()}: {type(error).__name__}: {error}") from error
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (the launched ranks must not relaunch)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
+
+
+def sharded_nll(
+    flow: torch.nn.Module,
+    data: torch.Tensor,
+    cluster: distributed.Cluster,
+    context: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """:func:`timed_nll` with each rank scoring its shard (and its rows' contexts), combined over ranks."""
+    if not cluster.distributed:
+        return timed_nll(flow, data, context)
+    metrics = timed_nll(flow, cluster.shard(data), None if context is None else cluster.shard(context))
+    total, n, nfe = cluster.sum([metrics["nll"] * metrics["n"], metrics["n"], metrics["nfe"]])
+    metrics.update(nll=total / n, n=int(n), nfe=nfe / cluster.world_size)
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(torch.tensor(-total / n), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
+    if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
+        if cluster.distributed:
+            raise ValueError(
+                f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
+            )
+        return cli_images.cmd_train_images(args)
     resume = _resume_path(args.resume) if args.resume is not None else None
     if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
+        if cluster.distributed:
+            raise ValueError(f"--model vae trains on one process, got {cluster.world_size} (drop --nproc / torchrun)")
         return cmd_train_vae(args, resume)
     if resume is not None:
-        run, flow, settings, splits, changes = _resumed_run(args, resume)
+        run, flow, settings, splits, changes, contexts = _resumed_run(args, resume)
         out = Path(args.out) if args.out is not None else resume.parent
-        step = read_checkpoint(resume)["step"]
+        saved = read_checkpoint(resume)
+        step = saved["step"]
         print(
             f"resuming {resume} at step {step} with the run's own model, solver and settings; "
             + ("changed: " + ", ".join(changes) if changes else "nothing changed")
         )
+        if settings.time_limit is not None and saved.get("seconds", 0.0) >= settings.time_limit:
+            print(
+                f"note: the run has used its whole time limit ({settings.time_limit:g} s, counted over the "
+                "whole run); pass a larger --time-limit to train further"
+            )
+        if settings.iters is not None and step >= settings.iters:
+            print(f"note: the run has reached its step cap ({settings.iters}); pass a larger --iters to train further")
     else:
-        run, flow, settings, splits = _new_run(args)
+        run, flow, settings, splits, contexts = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
     train_set, val_set, test_set = splits
-    prepare_folder(out, "--out")
-    existing = _existing_run_files(out)
-    same_folder = resume is not None and resume.parent.resolve() == out.resolve()
-    if existing and not same_folder and not args.overwrite:
-        raise ValueError(
-            f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
-            f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+    if cluster.is_main:  # rank 0 owns the run folder
+        prepare_folder(out, "--out")
+        existing = _existing_run_files(out)
+        same_folder = resume is not None and resume.parent.resolve() == out.resolve()
+        if existing and not same_folder and not args.overwrite:
+            raise ValueError(
+                f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
+                f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+            )
+        if existing and not same_folder and resume is not None:
+            for name in existing:
+                (out / name).unlink()
+    if cluster.distributed:  # C cores / N local processes, unless --threads says otherwise
+        threads = distributed.threads_per_process() if args.threads in (None, "auto") else args.threads
+        how = (
+            f"{distributed.available_cores()} cores / {cluster.local_world_size} processes"
+            if args.threads in (None, "auto")
+            else "--threads"
         )
-    if existing and not same_folder and resume is not None:
-        for name in existing:
-            (out / name).unlink()
-    threads = resolve_threads(args.threads, train_set.shape[1])
-    how = "auto" if args.threads in (None, "auto") else "--threads"
+        print(f"{cluster.describe()} on device {args.device}: {threads} torch thread(s) ({how})", file=sys.stderr)
+    else:
+        threads = resolve_threads(args.threads, train_set.shape[1])
+        how = "auto" if args.threads in (None, "auto") else "--threads"
     print(
         f"training {settings.objective} with lr {settings.lr:g}, batch {settings.batch_size}, "
         f"{settings.lr_schedule} schedule, "
@@ -305,8 +437,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=threads,
         overwrite=True,
         run_info=run,
+        context=contexts[0],
+        val_context=contexts[1],
+        device=args.device,
     )
-    metrics = timed_nll(flow, test_set)
+    metrics = sharded_nll(flow, test_set, cluster, contexts[2])
+    if not cluster.is_main:
+        return 0
     summary = {
         "data": run["data"],
         "model": getattr(flow.flow if isinstance(flow, TransformedFlow) else flow, "kind", None),
@@ -324,6 +461,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "threads": result.threads,
         "settings": asdict(settings),
+        "processes": cluster.world_size,
+        "device": str(distributed.flow_device(flow)),
     }
     if "bits_per_dim" in metrics:
         summary["test_bits_per_dim"] = metrics["bits_per_dim"]
@@ -420,20 +559,31 @@ def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    flow, payload = load_checkpoint(args.checkpoint)
+    flow, payload = load_checkpoint(args.checkpoint, device=args.device)
     if getattr(flow, "kind", None) == "vae":
         return evaluate_vae_checkpoint(flow, args)
+    if cli_images.is_image_source(args.data):
+        solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
+        return cli_images.evaluate_images(flow, args.data, args.json, solver)
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
     if args.solver_from is not None and isinstance(inner, CNF):
         inner.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
+    (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
-    metrics = timed_nll(flow, data) if args.solver_from is None else timed_nll(flow, data, exact=False)
+    exact = args.solver_from is None
+    if context is None:
+        metrics = timed_nll(flow, data) if exact else timed_nll(flow, data, exact=False)
+    else:
+        metrics = timed_nll(flow, data, context, exact=exact)
+    if context is not None:
+        metrics["conditional"] = True
     if args.json:
         print(strict_json(metrics))
     else:
         print(
-            f"test NLL: {metrics['nll']:.4f} nats  NFE: {metrics['nfe']}  "
+            f"{'conditional ' if context is not None else ''}test NLL: {metrics['nll']:.4f} nats  "
+            f"NFE: {metrics['nfe']}  "
             f"seconds: {metrics['seconds']:.3f}  n: {metrics['n']}"
             + (f"  bits/dim: {metrics['bits_per_dim']:.4f}" if "bits_per_dim" in metrics else "")
         )
@@ -478,12 +628,23 @@ def solver_from_file(path: str) -> Solver:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    flow, _ = load_checkpoint(args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed)
+    flow, _ = load_checkpoint(args.checkpoint, device=args.device)
+    device = distributed.flow_device(flow)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.context is not None and args.context_file is not None:
+        raise ValueError("give --context or --context-file, not both")
+    context = None
+    if args.context is not None:
+        context = parse_context(args.context)
+    elif args.context_file is not None:
+        context = load_data(args.context_file)
+    if context is not None:
+        context = context.to(device=device, dtype=next(flow.parameters()).dtype)
     with torch.no_grad():
-        samples = flow.sample(args.n, generator=generator)
-    np.save(args.out, samples.numpy())
-    print(f"wrote {args.n} samples to {args.out}")
+        conditional = {} if context is None else {"context": context}
+        samples = flow.sample(args.n, generator=generator, **conditional)
+    np.save(args.out, samples.cpu().numpy())
+    print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
     return 0
 
 
@@ -503,7 +664,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
-    n = max(args.n, args.n_grad)
+    n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
     data = load_eval_data(args.data, n, args.seed)[:n]
     result = tuning.tune(
         flow,
@@ -519,6 +680,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         gradients=not args.no_gradients,
         rank_by=args.rank_by,
+        confidence=args.confidence,
+        fresh_blocks=args.fresh_blocks,
         progress=None if args.json else print,
     )
     paths = result.save(args.out)
@@ -537,6 +700,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
     flow, _ = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
+        return cli_images.plot_images(flow, args.out, args.data)
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)
@@ -568,6 +733,10 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
     parser.add_argument("--version", action="version", version=f"cnf {__version__}")
@@ -580,9 +749,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run, and the run's own settings with --resume.",
     )
     p.add_argument(
-        "--data", default=None, help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)"
+        "--data",
+        default=None,
+        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons); images: "
+        "digits-images, fashion-mnist or a .npy of shape (n, C, H, W)",
     )
-    p.add_argument("--model", choices=("cnf", "planar", "vae"), default=None, help="default cnf")
+    p.add_argument(
+        "--model", choices=("cnf", "planar", "vae", "multiscale"), default=None, help="default cnf (multiscale: images)"
+    )
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
         "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"
@@ -632,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
+    p.add_argument(
+        "--context-columns", type=int, nargs="+", default=None, metavar="I",
+        help="columns of the --data table that are the context c of p(x | c) (standardised)",
+    )  # fmt: skip
     vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
     vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
     vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
@@ -639,6 +817,20 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
     vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
     vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")
+    add_device_option(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local processes (torch.distributed, launched by torchrun; each uses cores / N "
+        "threads); for several machines run torchrun --nnodes ... -m cnf train instead",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="seconds a rank waits for a silent peer before the run fails (a dead peer fails it at once)",
+    )
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
@@ -648,6 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -655,6 +848,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.npy")
+    p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
+    p.add_argument(
+        "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
+    )
+    add_device_option(p)
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser(
@@ -690,7 +888,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=tuning.DEFAULT_GRAD_BUDGET,
         help="relative gradient error budget (training)",
     )
-    p.add_argument("--n", type=int, default=1000, help="points scored per setting")
+    p.add_argument("--n", type=int, default=tuning.DEFAULT_N_LOGP, help="points scored per setting")
+    p.add_argument(
+        "--fresh-blocks",
+        type=int,
+        default=tuning.DEFAULT_FRESH_BLOCKS,
+        help="blocks of --n new points that re-check the recommendation",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=tuning.DEFAULT_CONFIDENCE,
+        help="level of the upper bound of the mean log p error that must meet --budget",
+    )
     p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
@@ -717,7 +927,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except TrainingInterrupted as error:

@@ -10,6 +10,8 @@ can return its gradient (:func:`cnf.solver.solve` lists it among the adjoint par
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -53,7 +55,9 @@ def check_context(
     if context.ndim == 1:
         context = context.unsqueeze(0)
     if context.ndim != 2 or context.shape[1] != context_dim:
-        raise ValueError(f"{name} must have shape ({context_dim},) or (batch, {context_dim}); got shape {shape}")
+        raise ValueError(
+            f"{name} must have shape ({context_dim},) or (batch, {context_dim}); got shape {shape}"
+        )
     if batch is not None and context.shape[0] not in (1, batch):
         raise ValueError(
             f"{name} of shape {shape} does not match the batch of {batch} points: "
@@ -66,8 +70,55 @@ def check_context(
     return context
 
 
+def split_context_columns(
+    table: torch.Tensor, columns: Sequence[int], name: str = "--context-columns"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, c)``: the table's ``columns`` as the context c and the remaining columns as x."""
+    width = table.shape[1]
+    columns = list(columns)
+    if not columns or len(set(columns)) != len(columns) or any(not -width <= i < width for i in columns):
+        raise ValueError(
+            f"{name} must be distinct column indices of a table with {width} columns, got {columns}"
+        )
+    chosen = sorted({i % width for i in columns})
+    if len(chosen) == width:
+        raise ValueError(f"{name} {columns} leave no data columns of the table's {width}")
+    rest = [i for i in range(width) if i not in chosen]
+    return table[:, rest], table[:, [i % width for i in columns]]
+
+
+def parse_context(text: str, name: str = "--context") -> torch.Tensor:
+    """A context written as comma-separated numbers, e.g. ``"0.3,1.2"``, as a (k,) tensor."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated numbers like '0.3,1.2', got {text!r}") from None
+    return torch.tensor(values)
+
+
 def expand_context(context: torch.Tensor | None, batch: int) -> torch.Tensor | None:
     """A checked (1, k) or (batch, k) context as (batch, k) (a view where possible)."""
     if context is None or context.shape[0] == batch:
         return context
     return context.expand(batch, -1)
+
+
+class ContextStandardization(nn.Module):
+    """(c - mean) / std with the statistics kept as buffers, so that they travel with the weights
+    in checkpoints; the identity until :meth:`fit` is called (e.g. by ``cnf train``)."""
+
+    def __init__(self, context_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(context_dim))
+        self.register_buffer("std", torch.ones(context_dim))
+
+    @torch.no_grad()
+    def fit(self, contexts: torch.Tensor) -> ContextStandardization:
+        """Take the mean and standard deviation of ``contexts`` (n, k); constant columns keep std 1."""
+        std = contexts.std(0) if contexts.shape[0] > 1 else torch.ones_like(contexts[0])
+        self.mean.copy_(contexts.mean(0))
+        self.std.copy_(torch.where(std > 0, std, torch.ones_like(std)))
+        return self
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        return (context - self.mean) / self.std

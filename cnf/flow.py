@@ -98,6 +98,7 @@ class AugmentedDynamics(nn.Module):
         probe: torch.Tensor | None,
         regularization: bool = False,
         context: torch.Tensor | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if regularization and probe is None:
@@ -107,6 +108,7 @@ class AugmentedDynamics(nn.Module):
         self.probe = probe
         self.regularization = regularization
         self.field_kwargs = {} if context is None else {"context": context}
+        self.compile = compile
         # A field that knows its own exact divergence (MLPField) skips autograd altogether.
         self.analytic = (
             divergence == "exact"
@@ -118,6 +120,8 @@ class AugmentedDynamics(nn.Module):
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = state[0]
         if self.analytic:
+            if self.compile:
+                return self.field.velocity_and_divergence(t, x, **self.field_kwargs, compiled=True)
             return self.field.velocity_and_divergence(t, x, **self.field_kwargs)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -180,6 +184,8 @@ class CNF(nn.Module):
     """
 
     kind = "cnf"
+    #: which columns of a table are the context (set by ``cnf train --context-columns``)
+    context_columns: list[int] | None = None
     #: Rows that :meth:`log_prob` scores in one solve; a larger batch is split into chunks of this
     #: size, so memory stays bounded (without gradients the default leaves test sets whole).
     chunk_size: int = 65_536
@@ -256,7 +262,9 @@ class CNF(nn.Module):
         context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         probe = self._probe(x, generator, probe)
-        dynamics = AugmentedDynamics(self.field, self.divergence, probe, context=context)
+        dynamics = AugmentedDynamics(
+            self.field, self.divergence, probe, context=context, compile=self.solver.compile
+        )
         a0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         self.stats = SolveStats()
         xs, a = solve(
@@ -394,7 +402,9 @@ class CNF(nn.Module):
             return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         return self._augmented_solve(x, t, 0.0, "scoring", generator, probe, context)
 
-    def inverse(self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(
+        self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Base -> data: solve dx/dt = u from 0 to t (no divergence needed)."""
         check_batch(z, self.dim, "z")
         context = self._context(context, z)
@@ -508,4 +518,5 @@ class CNF(nn.Module):
             "divergence": self.divergence,
             "noise": self.noise,
             "solver": self.solver.to_dict(),
+            **({"context_columns": list(self.context_columns)} if self.context_columns else {}),
         }

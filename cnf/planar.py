@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnf.context import check_context
+from cnf.context import ContextStandardization, check_context
 from cnf.data import check_batch
 from cnf.flow import base_log_prob, base_sample, check_base
 from cnf.solver import SolveStats
@@ -129,6 +129,7 @@ class PlanarFlow(nn.Module):
 
     kind = "planar"
     context_dim: int | None = None
+    context_columns: list[int] | None = None
 
     def __init__(self, dim: int, layers: int, *, base: Any = None, activation: str = "tanh") -> None:
         super().__init__()
@@ -387,6 +388,7 @@ class ConditionalPlanarFlow(PlanarFlow):
             head.weight.mul_(0.1)
             head.bias.zero_()
         self.context_net = nn.Sequential(*modules, head)
+        self.context_standardization = ContextStandardization(context_dim)
 
     def layer_parameters(
         self, context: torch.Tensor | None = None
@@ -396,7 +398,7 @@ class ConditionalPlanarFlow(PlanarFlow):
         if context is None:
             raise ValueError(f"this flow is conditional (context_dim={self.context_dim}): pass context=")
         layers, dim = self.layers, self.dim
-        out = self.context_net(context).reshape(-1, layers, 2 * dim + 1)
+        out = self.context_net(self.context_standardization(context)).reshape(-1, layers, 2 * dim + 1)
         w = self.w + out[..., :dim]
         u = self.u + out[..., dim : 2 * dim]
         b = self.b + out[..., 2 * dim]
@@ -406,7 +408,10 @@ class ConditionalPlanarFlow(PlanarFlow):
         raise NotImplementedError("the Euler-link field of a ConditionalPlanarFlow is not implemented")
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "context_dim": self.context_dim, "hidden": list(self.hidden)}
+        config = {**super().config(), "context_dim": self.context_dim, "hidden": list(self.hidden)}
+        if self.context_columns:
+            config["context_columns"] = list(self.context_columns)
+        return config
 
 
 class PlanarVelocityField(nn.Module):

@@ -4,7 +4,8 @@
    conditional CNF trained by flow matching, drawn as a row of p(x | c) for several c above
    the true densities, with the conditional test NLL against the truth.
 2. Class-conditional digits (scikit-learn's 8x8 digits, BSD licence, bundled with
-   scikit-learn): c is the one-hot class, samples drawn one row per class.
+   scikit-learn): c is the one-hot class, a fifth of the rows also seen with a null context,
+   samples drawn one row per class with classifier-free guidance (cnf.guidance).
 
     python examples/conditional.py           # about 3 minutes on 2 CPU cores
     python examples/conditional.py --quick   # a few seconds
@@ -26,6 +27,7 @@ from matplotlib.figure import Figure
 import cnf
 from cnf import plots
 from cnf.data.conditional import conditional_log_prob, sample_conditional
+from cnf.guidance import GuidedField, with_null_contexts
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -36,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a few iterations and small grids (seconds)")
     parser.add_argument("--seconds", type=float, default=60.0, help="training time of each flow")
     parser.add_argument("--no-digits", dest="digits", action="store_false", help="skip the digits")
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     previous = torch.get_num_threads()
@@ -90,6 +93,7 @@ def digits(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     x = torch.as_tensor((images + rng.uniform(size=images.shape)) / 8.5 - 1.0, dtype=torch.float32)
     c = torch.nn.functional.one_hot(torch.as_tensor(labels), 10).float()
+    x, c = with_null_contexts(x, c, rate=0.2, generator=torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed)
     field = cnf.MLPField(64, hidden=(64,) if quick else (256, 256, 256), activation="silu", context_dim=10)
     flow = cnf.CNF(field, solver=cnf.Solver(method="rk4", step_size=0.25 if quick else 0.05))
@@ -98,8 +102,9 @@ def digits(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         lr_schedule="cosine", time_limit=args.seconds, batch_size=256, progress=None,
     )  # fmt: skip
     per_class = 2 if quick else 8
+    guided = cnf.CNF(GuidedField(field, weight=args.guidance), solver=flow.solver)
     with torch.no_grad():
-        samples = flow.sample(per_class, context=torch.eye(10))  # (per_class, 10, 64)
+        samples = guided.sample(per_class, context=torch.eye(10))  # (per_class, 10, 64)
     grid = samples.clamp(-1, 1).permute(1, 0, 2).reshape(10, per_class, 8, 8).numpy()
     fig = Figure(figsize=(per_class * 0.6, 10 * 0.6), layout="constrained")
     FigureCanvasAgg(fig)

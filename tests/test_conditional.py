@@ -281,5 +281,7 @@ def test_conditional_planar_log_det_equals_autograd_jacobian() -> None:
     with torch.no_grad():
         torch.testing.assert_close(flow.log_prob(x, context=c), log_prob, rtol=0, atol=1e-9)
     assert flow.sample(3, context=c).shape == (3, 6, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(flow.trajectory(z, [0.0, 1.0], context=c)[-1], x, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="got None"):
         flow.log_prob(x)

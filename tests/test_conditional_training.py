@@ -79,8 +79,17 @@ def test_train_with_contexts_learns_the_conditional(objective: str) -> None:
     before = cnf.evaluate_nll(flow, val_x, context=val_c)
     iters = 60 if objective == "likelihood" else 400
     result = cnf.train(
-        flow, x, val_x, context=c, val_context=val_c, iters=iters, batch_size=128, lr=1e-2,
-        objective=objective, val_every=iters, progress=False,
+        flow,
+        x,
+        val_x,
+        context=c,
+        val_context=val_c,
+        iters=iters,
+        batch_size=128,
+        lr=1e-2,
+        objective=objective,
+        val_every=iters,
+        progress=False,
     )
     after = cnf.evaluate_nll(flow, val_x, context=val_c)
     swapped = cnf.evaluate_nll(flow, val_x, context=val_c.flip(1))  # the wrong labels
@@ -97,3 +106,33 @@ def test_train_rejects_mismatched_contexts() -> None:
         cnf.train(flow, x, iters=1, progress=False)
     with pytest.raises(ValueError, match="unconditional"):
         cnf.train(cnf.CNF(cnf.MLPField(2, hidden=(4,))), x.float(), context=c, iters=1, progress=False)
+
+
+def test_guided_linear_field_equals_the_field_at_a_scaled_context() -> None:
+    # u = A x + B c with a null context 0: the guided field is A x + (1 + w) B c.
+    from test_conditional import linear_conditional_flow
+
+    from cnf.guidance import GuidedField
+
+    flow = linear_conditional_flow()
+    guided = cnf.CNF(GuidedField(flow.field, weight=1.5), solver=flow.solver).double()
+    z = torch.randn(6, 2, dtype=torch.float64)
+    c = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(guided.inverse(z, context=c), flow.inverse(z, context=2.5 * c))
+        torch.testing.assert_close(guided.log_prob(z, context=c[0]), flow.log_prob(z, context=2.5 * c[0]))
+    assert guided.sample(4, context=c[:2]).shape == (4, 2, 2)
+    with pytest.raises(ValueError, match="needs a conditional field"):
+        GuidedField(cnf.MLPField(2), weight=1.0)
+
+
+def test_with_null_contexts_adds_unlabelled_copies() -> None:
+    from cnf.guidance import with_null_contexts
+
+    x, c = labelled_data(100, torch.Generator().manual_seed(5))
+    x2, c2 = with_null_contexts(x, c, rate=0.2, generator=torch.Generator().manual_seed(0))
+    assert x2.shape == (120, 2) and c2.shape == (120, 2)
+    assert torch.equal(x2[:100], x) and (c2[100:] == 0).all() and (c2[:100].sum(1) == 1).all()
+    assert all((row == x).all(1).any() for row in x2[100:])  # copies of training rows
+    with pytest.raises(ValueError, match=r"rate must be a float in \(0, 1\], got 0"):
+        with_null_contexts(x, c, rate=0)

@@ -33,7 +33,9 @@ _MOON_MEAN, _MOON_STD = 0.1, 0.01
 
 def _check_name(name: object) -> str:
     if not isinstance(name, str) or name not in CONDITIONAL_DATASETS:
-        raise ValueError(f"unknown conditional dataset {name!r}; choose one of {', '.join(CONDITIONAL_DATASETS)}")
+        raise ValueError(
+            f"unknown conditional dataset {name!r}; choose one of {', '.join(CONDITIONAL_DATASETS)}"
+        )
     return name
 
 
@@ -94,7 +96,9 @@ def sample_conditional(
     else:
         x = rng.uniform(-1, 1, (n, 2))
         c = _simulate_moons(rng, x)
-    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype), torch.from_numpy(np.ascontiguousarray(c)).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype), torch.from_numpy(np.ascontiguousarray(c)).to(
+        dtype
+    )
 
 
 def conditional_log_prob(name: str, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ class TransformedFlow(nn.Module):
         self.flow = flow
         self.preprocess = preprocess
         self.dim = getattr(flow, "dim", None)
+        self.context_dim = getattr(flow, "context_dim", None)
 
     @property
     def stats(self) -> Any:
@@ -105,14 +106,19 @@ class TransformedFlow(nn.Module):
         """Base -> data: the flow's inverse, then the preprocessing undone."""
         return self.preprocess.inverse(self.flow.inverse(z, **kwargs))
 
-    def sample(self, n: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples in the data's units (on the data's grid when dequantised)."""
-        return self.preprocess.inverse(self.flow.sample(n, **_with_generator({}, generator)))
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """``n`` samples in the data's units (on the data's grid when dequantised); a conditional
+        flow's ``context=`` of shape (B, k) gives (n, B, ...)."""
+        samples = self.flow.sample(n, **_with_generator(kwargs, generator))
+        context = kwargs.get("context")
+        if context is None or context.ndim < 2:
+            return self.preprocess.inverse(samples)
+        return self.preprocess.inverse(samples.flatten(0, 1)).unflatten(0, samples.shape[:2])
 
-    def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The flow's trajectory of base points x0, mapped back to the data's units."""
-        path = self.flow.trajectory(x0, ts)
-        return self.preprocess.inverse(path.flatten(0, 1)).reshape(path.shape[:2] + (-1,))
+        path = self.flow.trajectory(x0, ts, **kwargs)
+        return self.preprocess.inverse(path.flatten(0, 1)).reshape(path.shape)  # (T, n, ...): images too
 
     @property
     def bin_width(self) -> float | None:

@@ -1,0 +1,157 @@
+"""`cnf train --context-columns`, `cnf evaluate` (conditional NLL) and `cnf sample --context`."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cnf
+from cnf.cli import main
+
+TINY = [
+    "--iters",
+    "3",
+    "--n-train",
+    "500",
+    "--hidden",
+    "8",
+    "--layers",
+    "4",
+    "--rtol",
+    "1e-3",
+    "--atol",
+    "1e-3",
+]
+
+
+def assert_fails(capsys: pytest.CaptureFixture, match: str, argv: list[str]) -> None:
+    """The command exits with status 2 and an error naming the problem."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert re.search(match, capsys.readouterr().err), match
+
+
+def table(path: Path) -> Path:
+    """x = (columns 0 and 2), c = (columns 1 and 3) on a large scale: x depends on c."""
+    rng = np.random.default_rng(0)
+    c = rng.normal([100.0, -5.0], [10.0, 0.1], size=(400, 2))
+    x = (c - [100.0, -5.0]) / [10.0, 0.1] + 0.1 * rng.normal(size=(400, 2))
+    np.save(path, np.stack([x[:, 0], c[:, 0], x[:, 1], c[:, 1]], 1).astype(np.float32))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "preprocess"), [("cnf", "none"), ("planar", "none"), ("cnf", "standardize")]
+)
+def test_conditional_train_evaluate_sample(
+    model: str, preprocess: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = table(tmp_path / "table.npy")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--context-columns", "1", "3", "--model", model, "--out", str(out)]
+    args += ["--preprocess", preprocess]
+    assert main(args + TINY) == 0
+    checkpoint = out / "checkpoint.pt"
+    flow, payload = cnf.load_checkpoint(checkpoint)
+    config = payload["config"] if preprocess == "none" else payload["config"]["flow"]
+    assert flow.context_dim == 2 and config["context_columns"] == [1, 3]
+    assert isinstance(flow, cnf.transforms.TransformedFlow) == (preprocess != "none")
+    standardization = next(m for m in flow.modules() if isinstance(m, cnf.context.ContextStandardization))
+    np.testing.assert_allclose(standardization.mean.numpy(), [100.0, -5.0], atol=2.0)
+    np.testing.assert_allclose(standardization.std.numpy(), [10.0, 0.1], rtol=0.2)
+    capsys.readouterr()
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["conditional"] is True and metrics["n"] == 400 and np.isfinite(metrics["nll"])
+    x, c = torch.from_numpy(np.load(data)[:, [0, 2]]), torch.from_numpy(np.load(data)[:, [1, 3]])
+    with torch.no_grad():
+        expected = -flow.log_prob(x, context=c).mean().item()
+    assert metrics["nll"] == pytest.approx(expected, rel=1e-4)
+
+    samples = tmp_path / "s.npy"
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(checkpoint),
+                "--n",
+                "7",
+                "--context",
+                "100,-5",
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
+    assert np.load(samples).shape == (7, 2)
+    contexts = tmp_path / "contexts.npy"
+    np.save(contexts, np.array([[90.0, -5.0], [110.0, -4.9], [100.0, -5.1]], dtype=np.float32))
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(checkpoint),
+                "--n",
+                "5",
+                "--context-file",
+                str(contexts),
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
+    assert np.load(samples).shape == (5, 3, 2)
+    assert_fails(
+        capsys, "got None", ["sample", "--checkpoint", str(checkpoint), "--n", "5", "--out", str(samples)]
+    )
+    assert_fails(
+        capsys,
+        r"shape \(2,\) or \(batch, 2\); got shape \(3,\)",
+        ["sample", "--checkpoint", str(checkpoint), "--context", "1,2,3", "--out", str(samples)],
+    )
+    assert_fails(
+        capsys,
+        "--context must be comma-separated numbers",
+        ["sample", "--checkpoint", str(checkpoint), "--context", "a,b", "--out", str(samples)],
+    )
+
+
+def test_context_columns_need_a_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_fails(
+        capsys,
+        "--context-columns needs a .npy/.csv table",
+        ["train", "--data", "moons", "--context-columns", "1", "--out", str(tmp_path), *TINY],
+    )
+    data = table(tmp_path / "table.npy")
+    assert_fails(
+        capsys,
+        r"--context-columns \[0, 1, 2, 3\] leave no data columns",
+        [
+            "train",
+            "--data",
+            str(data),
+            "--context-columns",
+            "0",
+            "1",
+            "2",
+            "3",
+            "--out",
+            str(tmp_path),
+            *TINY,
+        ],
+    )
+    assert_fails(
+        capsys,
+        "distinct column indices of a table with 4 columns, got \\[7\\]",
+        ["train", "--data", str(data), "--context-columns", "7", "--out", str(tmp_path), *TINY],
+    )
