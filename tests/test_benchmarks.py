@@ -84,9 +84,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert payload["assignment"][0]["global_ms"] > 0
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
-        assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
+        assert {"gaussian", "gmm", "kde", "cnf-default", "cnf-ml", "cnf-rnode"} <= set(models)
         assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
-        assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
+        assert models["cnf-default"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
     if name == "work_precision":
         assert (tmp_path / "work_precision.png").stat().st_size > 0
