@@ -1,9 +1,9 @@
 """What one checkpoint costs early and late in a long flow-matching run (seconds and bytes).
 
-    flock /work/bench.lock python -m benchmarks.checkpoint_cost      # 20,000 OT-FM steps, ~2-4 min
+    flock /work/bench.lock python -m benchmarks.checkpoint_cost      # 20,000 flow-matching steps, ~1-2 min
     python -m benchmarks.checkpoint_cost --quick                      # a smoke test
 
-``cnf.train`` runs the ``ot_flow_matching`` recipe (EMA included) on 8gaussians with a checkpoint
+``cnf.train`` runs the ``flow_matching`` recipe (EMA included) on 8gaussians with a checkpoint
 every 100 steps; every ``save_checkpoint`` call of the loop is timed (serialisation, both
 SHA-256 checksums, write, fsync, rename). The table compares the first saves (steps 100-500)
 with the last ones (the 5 before ``--steps``): the history lives in ``train_log.jsonl``, not in
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     flow = CNF(MLPField(2, hidden=(64, 64, 64)))
     data = sample_toy("8gaussians", 100_000, seed=0)
-    settings = {**recipe("ot_flow_matching"), "iters": args.steps, "checkpoint_every": args.every}
+    settings = {**recipe("flow_matching"), "iters": args.steps, "checkpoint_every": args.every}
     cnf.training.save_checkpoint = timed_save
     try:
         with tempfile.TemporaryDirectory() as folder:
