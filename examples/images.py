@@ -85,7 +85,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     n = 9 if quick else 64
     image_plots.plot_samples_and_data(flow, digits.test, n, generator=generator, path=out / "samples.png")
     image_plots.plot_image_path(flow, 4 if quick else 8, generator=generator, path=out / "path.png")
-    first, second = digits.test[0], digits.test[1]
+    # two test digits of different classes
+    first = digits.test[0]
+    second = digits.test[int((digits.test_labels != digits.test_labels[0]).nonzero()[0, 0])]
     image_plots.plot_interpolation(flow, first, second, 5 if quick else 9, path=out / "interpolation.png")
 
     with torch.no_grad():
