@@ -310,12 +310,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, flow: nn.Module | None = None
+    path: str | os.PathLike, flow: nn.Module | None = None, *, device: str | torch.device | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Return ``(flow, checkpoint)``: the flow with its weights restored, and the raw dict.
 
     A ``flow`` passed in must have the checkpoint's architecture; a mismatch is a ValueError that
-    names the settings that differ.
+    names the settings that differ. Tensors are read onto the CPU (whatever device wrote them);
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; see
+    :func:`cnf.distributed.resolve_device`) then moves the flow.
     """
     payload = read_checkpoint(path)
     if flow is None:
@@ -323,6 +325,10 @@ def load_checkpoint(
             raise ValueError(f"checkpoint {str(path)!r} has no config; pass flow= to restore into")
         flow = build_flow(payload["config"])
     load_weights(flow, payload["state_dict"], payload.get("config"), path)
+    if device is not None:
+        from cnf.distributed import place
+
+        place(flow, device)
     return flow, payload
 
 

@@ -12,6 +12,8 @@ takes columns 2 and 3 as c (standardised; the statistics are buffers of the chec
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -23,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cnf import __version__, tuning
+from cnf import __version__, cli_images, distributed, tuning
 from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoint, read_checkpoint
 from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
@@ -39,6 +41,7 @@ from cnf.training import (
     CHECKPOINT_NAME,
     LOG_NAME,
     SUMMARY_NAME,
+    TrainingError,
     TrainingInterrupted,
     TrainSettings,
     _existing_run_files,
@@ -166,7 +169,9 @@ def timed_nll(
     flow whose preprocessing dequantises)."""
     start = time.perf_counter()
     with torch.no_grad():
-        log_prob = flow.log_prob(data) if context is None else flow.log_prob(data, context=context)
+        data = data.to(distributed.flow_device(flow))
+        conditional = {} if context is None else {"context": context.to(data.device)}
+        log_prob = flow.log_prob(data, **conditional)
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -304,34 +309,115 @@ def _resumed_run(
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``cnf train``: here, on ``--nproc`` local processes (relaunched through torchrun), or as one
+    rank of a process group that torchrun started (``torchrun ... -m cnf train``)."""
+    several = distributed.launched_with_several_processes()
+    if args.nproc > 1 and not several:
+        return distributed.launch(args.nproc, ["cnf", *without_option(args.argv, "--nproc")])
+    if not several:
+        return _train_here(args, distributed.current_cluster())
+    cluster = distributed.init(args.device, timeout=args.dist_timeout)
+    try:  # ranks other than 0 keep quiet: rank 0 prints and writes for the run
+        with contextlib.nullcontext() if cluster.is_main else contextlib.redirect_stdout(io.StringIO()):
+            code = _train_here(args, cluster)
+    except Exception as error:
+        distributed.shutdown(wait_for_peers=False)
+        if isinstance(error, (TrainingError, ValueError, TypeError)):  # these name the rank or concern all
+            raise
+        raise RuntimeError(f"{cluster.describe()}: {type(error).__name__}: {error}") from error
+    except BaseException:
+        distributed.shutdown(wait_for_peers=False)
+        raise
+    distributed.shutdown()
+    return code
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE`` (the launched ranks must not relaunch)."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == option:
+            skip = True
+        elif not item.startswith(option + "="):
+            kept.append(item)
+    return kept
+
+
+def sharded_nll(
+    flow: torch.nn.Module,
+    data: torch.Tensor,
+    cluster: distributed.Cluster,
+    context: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """:func:`timed_nll` with each rank scoring its shard (and its rows' contexts), combined over ranks."""
+    if not cluster.distributed:
+        return timed_nll(flow, data, context)
+    metrics = timed_nll(flow, cluster.shard(data), None if context is None else cluster.shard(context))
+    total, n, nfe = cluster.sum([metrics["nll"] * metrics["n"], metrics["n"], metrics["nfe"]])
+    metrics.update(nll=total / n, n=int(n), nfe=nfe / cluster.world_size)
+    bin_width = getattr(flow, "bin_width", None)
+    if bin_width is not None:
+        metrics["bits_per_dim"] = bits_per_dim(torch.tensor(-total / n), int(data[0].numel()), bin_width).item()
+    return metrics
+
+
+def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
+    if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
+        if cluster.distributed:
+            raise ValueError(
+                f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
+            )
+        return cli_images.cmd_train_images(args)
     resume = _resume_path(args.resume) if args.resume is not None else None
     if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
+        if cluster.distributed:
+            raise ValueError(f"--model vae trains on one process, got {cluster.world_size} (drop --nproc / torchrun)")
         return cmd_train_vae(args, resume)
     if resume is not None:
         run, flow, settings, splits, changes, contexts = _resumed_run(args, resume)
         out = Path(args.out) if args.out is not None else resume.parent
-        step = read_checkpoint(resume)["step"]
+        saved = read_checkpoint(resume)
+        step = saved["step"]
         print(
             f"resuming {resume} at step {step} with the run's own model, solver and settings; "
             + ("changed: " + ", ".join(changes) if changes else "nothing changed")
         )
+        if settings.time_limit is not None and saved.get("seconds", 0.0) >= settings.time_limit:
+            print(
+                f"note: the run has used its whole time limit ({settings.time_limit:g} s, counted over the "
+                "whole run); pass a larger --time-limit to train further"
+            )
+        if settings.iters is not None and step >= settings.iters:
+            print(f"note: the run has reached its step cap ({settings.iters}); pass a larger --iters to train further")
     else:
         run, flow, settings, splits, contexts = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
     train_set, val_set, test_set = splits
-    prepare_folder(out, "--out")
-    existing = _existing_run_files(out)
-    same_folder = resume is not None and resume.parent.resolve() == out.resolve()
-    if existing and not same_folder and not args.overwrite:
-        raise ValueError(
-            f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
-            f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+    if cluster.is_main:  # rank 0 owns the run folder
+        prepare_folder(out, "--out")
+        existing = _existing_run_files(out)
+        same_folder = resume is not None and resume.parent.resolve() == out.resolve()
+        if existing and not same_folder and not args.overwrite:
+            raise ValueError(
+                f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
+                f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+            )
+        if existing and not same_folder and resume is not None:
+            for name in existing:
+                (out / name).unlink()
+    if cluster.distributed:  # C cores / N local processes, unless --threads says otherwise
+        threads = distributed.threads_per_process() if args.threads in (None, "auto") else args.threads
+        how = (
+            f"{distributed.available_cores()} cores / {cluster.local_world_size} processes"
+            if args.threads in (None, "auto")
+            else "--threads"
         )
-    if existing and not same_folder and resume is not None:
-        for name in existing:
-            (out / name).unlink()
-    threads = resolve_threads(args.threads, train_set.shape[1])
-    how = "auto" if args.threads in (None, "auto") else "--threads"
+        print(f"{cluster.describe()} on device {args.device}: {threads} torch thread(s) ({how})", file=sys.stderr)
+    else:
+        threads = resolve_threads(args.threads, train_set.shape[1])
+        how = "auto" if args.threads in (None, "auto") else "--threads"
     print(
         f"training {settings.objective} with lr {settings.lr:g}, batch {settings.batch_size}, "
         f"{settings.lr_schedule} schedule, "
@@ -350,8 +436,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_info=run,
         context=contexts[0],
         val_context=contexts[1],
+        device=args.device,
     )
-    metrics = timed_nll(flow, test_set) if contexts[2] is None else timed_nll(flow, test_set, contexts[2])
+    metrics = sharded_nll(flow, test_set, cluster, contexts[2])
+    if not cluster.is_main:
+        return 0
     summary = {
         "data": run["data"],
         "model": getattr(flow.flow if isinstance(flow, TransformedFlow) else flow, "kind", None),
@@ -369,6 +458,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "best_checkpoint": str(result.best_checkpoint) if result.best_checkpoint else None,
         "threads": result.threads,
         "settings": asdict(settings),
+        "processes": cluster.world_size,
+        "device": str(distributed.flow_device(flow)),
     }
     if "bits_per_dim" in metrics:
         summary["test_bits_per_dim"] = metrics["bits_per_dim"]
@@ -465,9 +556,12 @@ def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    flow, payload = load_checkpoint(args.checkpoint)
+    flow, payload = load_checkpoint(args.checkpoint, device=args.device)
     if getattr(flow, "kind", None) == "vae":
         return evaluate_vae_checkpoint(flow, args)
+    if cli_images.is_image_source(args.data):
+        solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
+        return cli_images.evaluate_images(flow, args.data, args.json, solver)
     if args.solver_from is not None and isinstance(flow, CNF):
         flow.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
@@ -525,8 +619,9 @@ def solver_from_file(path: str) -> Solver:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    flow, _ = load_checkpoint(args.checkpoint)
-    generator = torch.Generator().manual_seed(args.seed)
+    flow, _ = load_checkpoint(args.checkpoint, device=args.device)
+    device = distributed.flow_device(flow)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.context is not None and args.context_file is not None:
         raise ValueError("give --context or --context-file, not both")
     context = None
@@ -535,11 +630,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     elif args.context_file is not None:
         context = load_data(args.context_file)
     if context is not None:
-        context = context.to(next(flow.parameters()).dtype)
+        context = context.to(device=device, dtype=next(flow.parameters()).dtype)
     with torch.no_grad():
         conditional = {} if context is None else {"context": context}
         samples = flow.sample(args.n, generator=generator, **conditional)
-    np.save(args.out, samples.numpy())
+    np.save(args.out, samples.cpu().numpy())
     print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
     return 0
 
@@ -560,7 +655,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
-    n = max(args.n, args.n_grad)
+    n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
     data = load_eval_data(args.data, n, args.seed)[:n]
     result = tuning.tune(
         flow,
@@ -576,6 +671,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         gradients=not args.no_gradients,
         rank_by=args.rank_by,
+        confidence=args.confidence,
+        fresh_blocks=args.fresh_blocks,
         progress=None if args.json else print,
     )
     paths = result.save(args.out)
@@ -594,6 +691,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
     flow, _ = load_checkpoint(args.checkpoint)
+    if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
+        return cli_images.plot_images(flow, args.out, args.data)
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)
@@ -625,6 +724,10 @@ def positive_float(text: str) -> float:
     return value
 
 
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
     parser.add_argument("--version", action="version", version=f"cnf {__version__}")
@@ -637,9 +740,14 @@ def build_parser() -> argparse.ArgumentParser:
         "run, and the run's own settings with --resume.",
     )
     p.add_argument(
-        "--data", default=None, help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons)"
+        "--data",
+        default=None,
+        help="toy or real dataset name (digits, wine, ...) or .npy/.csv file (default moons); images: "
+        "digits-images, fashion-mnist or a .npy of shape (n, C, H, W)",
     )
-    p.add_argument("--model", choices=("cnf", "planar", "vae"), default=None, help="default cnf")
+    p.add_argument(
+        "--model", choices=("cnf", "planar", "vae", "multiscale"), default=None, help="default cnf (multiscale: images)"
+    )
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
         "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"
@@ -700,6 +808,20 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
     vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
     vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")
+    add_device_option(p)
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="train on N local processes (torch.distributed, launched by torchrun; each uses cores / N "
+        "threads); for several machines run torchrun --nnodes ... -m cnf train instead",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_float,
+        default=distributed.DEFAULT_TIMEOUT,
+        help="seconds a rank waits for a silent peer before the run fails (a dead peer fails it at once)",
+    )
     p.set_defaults(run=cmd_train)
 
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
@@ -709,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 
     p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
@@ -720,6 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
     )
+    add_device_option(p)
     p.set_defaults(run=cmd_sample)
 
     p = commands.add_parser(
@@ -755,7 +879,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=tuning.DEFAULT_GRAD_BUDGET,
         help="relative gradient error budget (training)",
     )
-    p.add_argument("--n", type=int, default=1000, help="points scored per setting")
+    p.add_argument("--n", type=int, default=tuning.DEFAULT_N_LOGP, help="points scored per setting")
+    p.add_argument(
+        "--fresh-blocks",
+        type=int,
+        default=tuning.DEFAULT_FRESH_BLOCKS,
+        help="blocks of --n new points that re-check the recommendation",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=tuning.DEFAULT_CONFIDENCE,
+        help="level of the upper bound of the mean log p error that must meet --budget",
+    )
     p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
@@ -782,7 +918,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.run(args)
     except TrainingInterrupted as error:

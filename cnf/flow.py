@@ -109,6 +109,7 @@ class AugmentedDynamics(nn.Module):
         probe: torch.Tensor | None,
         regularization: bool = False,
         context: torch.Tensor | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if regularization and probe is None:
@@ -118,6 +119,7 @@ class AugmentedDynamics(nn.Module):
         self.probe = probe
         self.regularization = regularization
         self.field_kwargs = context_arguments(field, context)
+        self.compile = compile
         # A field that knows its own exact divergence (MLPField) skips autograd altogether.
         self.analytic = (
             divergence == "exact"
@@ -129,6 +131,8 @@ class AugmentedDynamics(nn.Module):
     def forward(self, t: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         x = state[0]
         if self.analytic:
+            if self.compile:
+                return self.field.velocity_and_divergence(t, x, **self.field_kwargs, compiled=True)
             return self.field.velocity_and_divergence(t, x, **self.field_kwargs)
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
@@ -269,7 +273,9 @@ class CNF(nn.Module):
         context: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         probe = self._probe(x, generator, probe)
-        dynamics = AugmentedDynamics(self.field, self.divergence, probe, context=context)
+        dynamics = AugmentedDynamics(
+            self.field, self.divergence, probe, context=context, compile=self.solver.compile
+        )
         a0 = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         self.stats = SolveStats()
         xs, a = solve(
@@ -407,7 +413,9 @@ class CNF(nn.Module):
             return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         return self._augmented_solve(x, t, 0.0, "scoring", generator, probe, context)
 
-    def inverse(self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(
+        self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Base -> data: solve dx/dt = u from 0 to t (no divergence needed)."""
         check_batch(z, self.dim, "z")
         context = self._context(context, z)

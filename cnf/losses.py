@@ -36,6 +36,8 @@ from cnf.regularizers import check_weight, rnode_penalty
 from cnf.solver import SolveStats
 
 Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+#: ``pairing(x0, x1, context) -> x0 reordered``: who pairs base and data points in OT flow matching.
+Pairing = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 #: Default sigma_min of the flow-matching path: the model's p1 is the data blurred by
 #: N(0, sigma_min^2 I), negligible at this size for the toy data.
@@ -137,13 +139,16 @@ def flow_matching_loss(
     coupling: str = "independent",
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
+    pairing: Pairing | None = None,
 ) -> torch.Tensor:
     """Conditional flow-matching loss E ||u_theta(x_t, t) - u_t||^2 (Lipman et al. 2023).
 
     x1 is the batch, x0 ~ base, t ~ U(0, 1) per sample; ``coupling="ot"`` pairs x0 with x1 by
     :func:`ot_pairing` (Tong et al. 2023), within groups of equal ``context`` for a conditional
     flow. Squared error summed over coordinates, averaged over the batch. The field is called
-    with a per-sample time tensor of shape (batch,) (and the context).
+    with a per-sample time tensor of shape (batch,) (and the context). ``pairing(x0, x1, context)``
+    replaces the OT pairing, returning the paired x0 (several processes pass
+    :func:`cnf.distributed.global_ot_pairing`: one assignment on the global batch).
     """
     preprocess = getattr(flow, "preprocess", None)
     if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
@@ -161,7 +166,7 @@ def flow_matching_loss(
     context = check_context(context, context_dim_of(flow), n, batch)
     x0 = base_sample(flow.base, n, generator).to(batch)
     if coupling == "ot":
-        x0 = x0[ot_pairing_within_contexts(x0, batch, context)]
+        x0 = x0[ot_pairing_within_contexts(x0, batch, context)] if pairing is None else pairing(x0, batch, context)
     t = torch.rand(n, dtype=batch.dtype, device=batch.device, generator=generator)
     xt, ut = conditional_path(x0, batch, t, sigma_min)
     flow.stats = SolveStats(nfe_forward=1, solve="flow_matching")
@@ -179,10 +184,11 @@ def ot_flow_matching_loss(
     sigma_min: float = DEFAULT_SIGMA_MIN,
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
+    pairing: Pairing | None = None,
 ) -> torch.Tensor:
     """Flow matching with the minibatch optimal-transport coupling (OT-CFM, Tong et al. 2023)."""
     return flow_matching_loss(
-        flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator, context=context
+        flow, batch, sigma_min=sigma_min, coupling="ot", generator=generator, context=context, pairing=pairing
     )
 
 

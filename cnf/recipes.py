@@ -80,8 +80,15 @@ def _check(objective: str, dim: int, data_kind: str) -> None:
         raise ValueError(f"unknown data_kind {data_kind!r}; choose one of {DATA_KINDS}")
 
 
+#: Integer images (cnf.images.image_flow; measured by benchmarks/images.py on digits): Adam at 1e-3
+#: and batch 128 for every objective, validation every 100 steps, no EMA.
+IMAGE_SETTINGS: dict[str, Any] = {"lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "val_every": 100, "ema_decay": None}
+
+
 def _by_dimension(objective: str, dim: int, data_kind: str) -> dict[str, Any]:
-    """Adjustments of the per-objective recipe by dimension and data kind (none measured yet)."""
+    """Adjustments of the per-objective recipe by dimension and data kind (images so far)."""
+    if data_kind == "image" and objective != "elbo":
+        return dict(IMAGE_SETTINGS)
     return {}
 
 

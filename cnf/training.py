@@ -11,6 +11,7 @@ while a run writes into it. See :mod:`cnf.checkpoint` and :mod:`cnf.outputs`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -39,6 +40,20 @@ from cnf.checkpoint import (
 )
 from cnf.context import check_context
 from cnf.data import check_batch
+from cnf.distributed import (
+    CONTINUE,
+    FAILED,
+    NONFINITE,
+    SIGNAL,
+    SOLVER_FAILED,
+    TIME_LIMIT,
+    Cluster,
+    current_cluster,
+    flow_device,
+    global_ot_pairing,
+    place,
+    threads_per_process,
+)
 from cnf.ema import ExponentialMovingAverage
 from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, kl_warmup_weight, make_objective
 from cnf.outputs import (
@@ -205,11 +220,19 @@ def evaluate_nll(
     """Mean negative log-likelihood (nats) of ``data`` under ``flow``, without gradients; with
     ``context`` (one row per point, or one for all) the conditional NLL, mean of -log p(x | c)."""
     total = 0.0
+    device = flow_device(flow)  # data are scored on the flow's device, a chunk at a time
     with torch.no_grad():
         for i, chunk in enumerate(torch.split(data, batch_size)):
             kwargs = {} if context is None else {"context": _rows(context, i * batch_size, chunk.shape[0])}
-            total += -flow.log_prob(chunk, **kwargs).sum().item()
+            total += -flow.log_prob(chunk.to(device), **kwargs).sum().item()
     return total / data.shape[0]
+
+
+def _global_nll(flow: nn.Module, data: torch.Tensor, context: torch.Tensor | None, cluster: Cluster) -> float:
+    """Mean NLL over all ranks' shards of the validation data (each rank scores its own rows)."""
+    local = evaluate_nll(flow, data, context=context) * data.shape[0] if data.shape[0] else 0.0
+    total, count = cluster.sum([local, data.shape[0]])
+    return total / count
 
 
 def _rows(context: torch.Tensor, start: int, count: int) -> torch.Tensor:
@@ -240,7 +263,10 @@ def _parameter_dtype(flow: nn.Module) -> torch.dtype | None:
 def resolve_threads(threads: int | str | None, dim: int | tuple[int, ...] | None) -> int:
     """The torch thread count for ``threads``: an int, or ``"auto"``/None, which is
     :func:`cnf.recipes.default_threads` capped by the current ``torch.get_num_threads()`` (a
-    program that lowered it keeps its choice)."""
+    program that lowered it keeps its choice); among N local training processes on C cores,
+    C / N (:func:`cnf.distributed.threads_per_process`)."""
+    if (threads is None or threads == "auto") and current_cluster().distributed:
+        return threads_per_process()  # C cores / N local processes
     if threads is None or threads == "auto":
         size = math.prod(event_shape(dim)) if dim is not None else 2
         return min(default_threads(size), torch.get_num_threads())
@@ -316,6 +342,7 @@ def train(
     run_info: dict[str, Any] | None = None,
     context: torch.Tensor | None = None,
     val_context: torch.Tensor | None = None,
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> TrainResult:
     """Train ``flow`` on ``data`` (n, dim), or integer images (n, C, H, W) for a flow that dequantises
@@ -339,7 +366,17 @@ def train(
             ``True`` replaces it, ``False`` raises ValueError, ``None`` replaces it with a warning.
         run_info: plain values stored in the checkpoint under ``"run"`` (the CLI stores its data
             source and model flags there, to resume with them).
+        device: ``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``:
+            the flow is moved there and each minibatch follows it (default: where the flow is).
+
+    Inside an initialised process group (``torchrun``; :mod:`cnf.distributed`) every rank trains
+    on its shard of ``data`` with its own seed, gradients are averaged over ranks (the global batch
+    is world_size * batch_size), the ranks agree after each forward pass whether to go on (time
+    limit, signal, NaN, failed solve), the log holds all-reduced values and rank 0 alone writes.
     """
+    cluster = current_cluster()
+    if device is not None:
+        place(flow, device, cluster.local_rank)
     payload = read_checkpoint(resume) if resume is not None else None
     base = settings
     if base is None:
@@ -366,15 +403,20 @@ def train(
         data = data.to(dtype)
         val_data = val_data.to(dtype) if val_data is not None else None
     loss_fn = settings.loss_function()
+    if cluster.distributed and settings.objective == "ot_flow_matching":  # one assignment, global batch
+        loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
 
-    out_dir = prepare_folder(out) if out is not None else None
-    lock = RunLock(out_dir).acquire() if out_dir is not None else None
+    if out is not None and not cluster.is_main:  # rank 0 alone owns, locks and writes the run folder
+        out_dir, lock = Path(out), None
+    else:
+        out_dir = prepare_folder(out) if out is not None else None
+        lock = RunLock(out_dir).acquire() if out_dir is not None else None
     previous_threads = torch.get_num_threads()
     chosen_threads = resolve_threads(threads, dim)
     torch.set_num_threads(chosen_threads)
     try:
-        if out_dir is not None:
+        if out_dir is not None and cluster.is_main:
             remove_stale_temporaries(out_dir)
             existing = _existing_run_files(out_dir)
             if existing and payload is None:
@@ -389,7 +431,7 @@ def train(
                     (out_dir / name).unlink()
         return _train_loop(
             flow, data, val_data, settings, out_dir, payload, resume, progress, optimizer, loss_fn,
-            chosen_threads, run_info, context, val_context,
+            chosen_threads, run_info, context, val_context, cluster,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -412,10 +454,17 @@ def _train_loop(
     run_info: dict[str, Any] | None,
     context: torch.Tensor | None,
     val_context: torch.Tensor | None,
+    cluster: Cluster,
 ) -> TrainResult:
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    best_path = out_dir / BEST_NAME if out_dir is not None else None
-    log_path = out_dir / LOG_NAME if out_dir is not None else None
+    writes = out_dir is not None and cluster.is_main
+    best_path = out_dir / BEST_NAME if writes else None
+    log_path = out_dir / LOG_NAME if writes else None
+    target = flow_device(flow)
+    n_total = data.shape[0]
+    data, context = cluster.shard(data), cluster.shard(context)
+    # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
+    step_loss = cluster.wrap_loss(flow, loss_fn)
     ema = ExponentialMovingAverage(flow, settings.ema_decay) if settings.ema_decay is not None else None
 
     step, elapsed, history = 0, 0.0, []
@@ -433,10 +482,13 @@ def _train_loop(
         optimizer.load_state_dict(payload["optimizer"])
         step, elapsed = payload["step"], payload.get("seconds", 0.0)
         best = payload.get("best")
-        set_rng_state(payload["rng"])
+        if payload.get("world_size", 1) == 1 and not cluster.distributed:
+            set_rng_state(payload["rng"])
+        else:  # N -> M processes: fresh per-rank streams, distinct from the run's earlier ones
+            torch.manual_seed(cluster.seed(settings.seed, step))
         history = read_log(Path(resume).parent / LOG_NAME, up_to_step=step)
     else:
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(cluster.seed(settings.seed))
     if log_path is not None:
         atomic_write_text(log_path, "".join(strict_json(r) + "\n" for r in history))
     # The step whose state is in checkpoint_path already (a resume from that very file).
@@ -445,7 +497,7 @@ def _train_loop(
 
     def checkpoint() -> None:
         nonlocal saved_step
-        if checkpoint_path is None:
+        if checkpoint_path is None or not cluster.is_main:
             return
         extra: dict[str, Any] = {}
         if ema is not None:
@@ -463,6 +515,7 @@ def _train_loop(
                 best=best,
                 data={"shape": list(data.shape[1:]), "dtype": str(data.dtype).removeprefix("torch.")},
                 run=run_info,
+                world_size=cluster.world_size,
                 **extra,
             )
         saved_step = step
@@ -481,15 +534,15 @@ def _train_loop(
             checkpoint()
         raise TrainingError(f"{message}; {kept()}") from error
 
-    val_subset = val_data[: settings.val_size] if val_data is not None else None
+    val_subset = cluster.shard(val_data[: settings.val_size]) if val_data is not None else None
     if val_context is not None and val_context.shape[0] > 1:
-        val_context = val_context[: settings.val_size]
+        val_context = cluster.shard(val_context[: settings.val_size])
     val_nll = None
 
     def validate() -> float:
         nonlocal best
         with ema.applied(flow) if ema is not None else nullcontext():
-            value = evaluate_nll(flow, val_subset, context=val_context)
+            value = _global_nll(flow, val_subset, val_context, cluster)
             if math.isfinite(value) and (best is None or value < best["val_nll"]):
                 best = {"step": step, "val_nll": value}
                 if best_path is not None:
@@ -498,7 +551,9 @@ def _train_loop(
         return value
 
     n = data.shape[0]
-    bar = tqdm(total=settings.iters, initial=step, disable=not _use_progress_bar(progress), unit="it")
+    batch_size = cluster.batch_size(settings.batch_size, n_total)
+    show_bar = _use_progress_bar(progress) and cluster.is_main
+    bar = tqdm(total=settings.iters, initial=step, disable=not show_bar, unit="it")
     start = time.perf_counter() - elapsed
     deadline = start + settings.time_limit if settings.time_limit is not None else math.inf
     stopped_by = "iters"
@@ -507,6 +562,8 @@ def _train_loop(
     stop = _StopRequest()
 
     def should_stop() -> str | None:
+        if cluster.distributed:  # several ranks stop together, between steps (Cluster.agree)
+            return None
         if stop.signal_name is not None:
             return f"{stop.signal_name} received"
         # The first step of a call may run past the limit by a grace period (a limit shorter than
@@ -519,22 +576,35 @@ def _train_loop(
     flow.train()
     with stop, stop_check(should_stop):
         while settings.iters is None or step < settings.iters:
-            if stop.signal_name is not None:
-                break
-            if time.perf_counter() >= deadline:
-                stopped_by = "time_limit"
-                break
+            if not cluster.distributed:
+                if stop.signal_name is not None:
+                    break
+                if time.perf_counter() >= deadline:
+                    stopped_by = "time_limit"
+                    break
             step_start = time.perf_counter()
             rng_before_step = torch.get_rng_state()  # an abandoned step must not consume randomness
-            rows = torch.randint(0, n, (min(settings.batch_size, n),))
-            batch = data[rows]
+            rows = torch.randint(0, n, (batch_size,), device=data.device)
+            batch = data[rows].to(target)
             batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
             optimizer.zero_grad(set_to_none=True)
             try:
-                loss = loss_fn(flow, batch, **batch_context, **settings.loss_kwargs(step))
-                nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
+                if cluster.distributed:
+                    local = SIGNAL if stop.signal_name else TIME_LIMIT if time.perf_counter() >= deadline else CONTINUE
+                    loss, nfe_forward, agreed, reporter = _agreed_forward(
+                        cluster, step_loss, batch, {**batch_context, **settings.loss_kwargs(step)}, flow, step, local
+                    )
+                    if agreed == SIGNAL:  # every rank stops as interrupted, rank 0 checkpoints below
+                        stop.signal_name = stop.signal_name or f"a signal on rank {reporter}"
+                        break
+                    if agreed == TIME_LIMIT:
+                        stopped_by = "time_limit"
+                        break
+                else:
+                    loss = step_loss(batch, **batch_context, **settings.loss_kwargs(step))
+                    nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"loss became {loss.item()} at step {step + 1}")
                 loss.backward()
             except SolveInterrupted as error:
                 torch.set_rng_state(rng_before_step)
@@ -571,10 +641,13 @@ def _train_loop(
             step += 1
             elapsed = time.perf_counter() - start
             durations.append(time.perf_counter() - step_start)
+            loss_value = loss.item()
+            if cluster.distributed:  # the log holds the means over ranks (the global batch's loss)
+                loss_value, nfe_forward, nfe_backward = cluster.mean([loss_value, nfe_forward, nfe_backward])
             record: dict[str, Any] = {
                 "step": step,
                 "seconds": round(elapsed, 4),
-                "loss": loss.item(),
+                "loss": loss_value,
                 "lr": optimizer.param_groups[0]["lr"],
                 "nfe_forward": nfe_forward,
                 "nfe_backward": nfe_backward,
@@ -584,13 +657,13 @@ def _train_loop(
                     val_nll = validate()
                     record["val_nll"] = val_nll
                     record["val_nfe"] = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
-                    bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_nll:.3f}")
+                    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
                     if early_stopping.should_stop(val_nll, ema.shadow if ema is not None else flow.state_dict(), step):
                         stopped_by = "early_stopping"
                 except SolveInterrupted:
                     flow.train()
             else:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{loss_value:.3f}")
             history.append(record)
             if log_path is not None:
                 append_line(log_path, strict_json(record))
@@ -618,7 +691,8 @@ def _train_loop(
             )
     # The final validation, when the last step had none, gets a short budget of its own.
     if val_subset is not None and (not history or "val_nll" not in history[-1]):
-        grace = time.perf_counter() + (max(5.0, 0.1 * settings.time_limit) if settings.time_limit else math.inf)
+        budget = settings.time_limit and not cluster.distributed  # ranks must all finish it (a collective)
+        grace = time.perf_counter() + (max(5.0, 0.1 * settings.time_limit) if budget else math.inf)
         with stop_check(lambda: "final validation over its time budget" if time.perf_counter() > grace else None):
             try:
                 val_nll = validate()
@@ -679,3 +753,37 @@ class EarlyStopping:
             else:
                 flow.load_state_dict(self.best_state)
         return self.best
+
+
+def _agreed_forward(
+    cluster: Cluster,
+    step_loss: nn.Module,
+    batch: torch.Tensor,
+    kwargs: dict[str, Any],
+    flow: nn.Module,
+    step: int,
+    stop_code: int,
+) -> tuple[torch.Tensor | None, int, int, int]:
+    """One rank's forward pass, then the agreement of all ranks (:meth:`Cluster.agree`) before any
+    of them enters the gradient all-reduce: ``(loss, nfe, code, rank)`` with code CONTINUE to go on,
+    TIME_LIMIT or SIGNAL (loss None) when some rank reached the time limit or got a signal; a NaN,
+    failed solve or error on any rank raises TrainingError on every rank, naming the rank and the cause."""
+    code, failure, loss, nfe = stop_code, None, None, 0
+    if code == CONTINUE:
+        try:
+            loss = step_loss(batch, **kwargs)
+            nfe = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
+            if not torch.isfinite(loss):
+                code, failure = NONFINITE, f"loss became {loss.item()} at step {step + 1}"
+        except SolverError as error:
+            code, failure = SOLVER_FAILED, str(error)
+        except Exception as error:  # the other ranks must hear of it before they wait for our gradients
+            code, failure = FAILED, f"{type(error).__name__}: {error}"
+    agreed, reporter = cluster.agree(code)
+    if agreed in (TIME_LIMIT, SIGNAL):
+        return None, 0, agreed, reporter
+    if agreed != CONTINUE:
+        if failure is not None and reporter == cluster.rank:
+            raise TrainingError(f"{cluster.describe()}: {failure}")
+        raise TrainingError(cluster.cause(agreed, reporter))
+    return loss, nfe, agreed, reporter

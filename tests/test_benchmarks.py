@@ -16,26 +16,32 @@ from benchmarks import (
     checkpoint_cost,
     conditional,
     discrete_vs_continuous,
+    distributed,
     divergence_forms,
+    images,
     peers,
     real_data,
     scaling,
     threads,
     train_toy,
     vae,
+    work_precision,
 )
 
 BENCHMARKS = {
     "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
+    "images_digits-images": images.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
+    "distributed": distributed.main,
     "peers": peers.main,
     "real_data": real_data.main,
     "scaling": scaling.main,
     "threads": threads.main,
     "checkpoint_cost": checkpoint_cost.main,
     "vae": vae.main,
+    "work_precision": work_precision.main,
 }
 PEER_MODULES = ("zuko", "torchdyn", "flow_matching", "normflows")
 
@@ -51,6 +57,10 @@ def _read(out: Path, name: str) -> dict:
 def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     BENCHMARKS[name](["--quick", "--out", str(tmp_path)])
     payload = _read(tmp_path, name)
+    if name == "images_digits-images":
+        rows = {r["method"]: r for r in payload["rows"]}
+        assert {"cnf-ml-multiscale", "cnf-otfm", "gaussian-logit"} <= set(rows)
+        assert all(r["test_bpd"] > 0 and r["test_bpd_2se"] > 0 for r in rows.values())
     if name == "conditional":
         rows = payload["rows"]
         assert {r["task"] for r in rows} == {"rotated8gaussians", "mixture", "two_moons"}
@@ -67,12 +77,26 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "divergence_forms":
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
+    if name == "distributed":  # both objectives, 1 and 2 processes, the 2-process rows compared
+        pairs = {(r["objective"], r["processes"]) for r in payload["rows"]}
+        assert pairs == {(o, p) for o in ("likelihood", "ot_flow_matching") for p in (1, 2)}
+        assert all(r["speedup"] > 0 and r["diff_se"] > 0 for r in payload["rows"] if r["processes"] == 2)
+        assert payload["assignment"][0]["global_ms"] > 0
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
         assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
         assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
         assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
+    if name == "work_precision":
+        assert (tmp_path / "work_precision.png").stat().st_size > 0
+        assert {(s["dim"], s["threads"]) for s in payload["segments"]} == {(2, 1), (3, 1)}
+        assert all(h["speedup"] > 0 for h in payload["headline"] if h["speedup"] is not None)
+        forms = {r["form"] for r in payload["segments"][0]["per_evaluation"]}
+        assert {"matrix products (floor)", "cnf forward mode", "autograd VJPs (torchdyn)"} <= forms
+        for segment in payload["segments"]:
+            cnf_rows = [r for r in segment["sweep"] if r["library"] == "cnf"]
+            assert cnf_rows and all(r["status"] == "ok" and r["error"] < 1 for r in cnf_rows)
     if name == "discrete_vs_continuous":
         assert (tmp_path / "discrete_vs_continuous.png").stat().st_size > 0
         assert {"planar", "cnf-exact", "cnf-hutchinson"} <= {r["model"] for r in payload["rows"]}
@@ -94,3 +118,8 @@ def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pyte
     payload = _read(tmp_path, "discrete_vs_continuous")
     assert any("zuko is not installed" in note for note in payload["notes"])
     assert "maf" not in {r["model"] for r in payload["rows"]}
+    payload = work_precision.main(["--quick", "--out", str(tmp_path / "wp")])
+    for segment in payload["segments"]:
+        assert all(status != "ok" for status in segment["peers"].values())
+        assert {r["library"] for r in segment["sweep"]} == {"cnf"}
+    assert all(h["speedup"] is None for h in payload["headline"])

@@ -92,6 +92,13 @@ def test_make_gallery_quick(tmp_path: Path) -> None:
     assert_pictures(tmp_path, [p.name for p in paths])
 
 
+def test_images_quick(tmp_path: Path) -> None:
+    summary = load_example("images").main(["--quick", "--out", str(tmp_path)])
+    assert math.isfinite(summary["test_bits_per_dim"]) and summary["test_nfe"] > 0
+    assert summary["sample_nn_distance_median"] > 0
+    assert_pictures(tmp_path, ["samples.png", "path.png", "interpolation.png"])
+
+
 def test_roc_auc_and_p_values() -> None:
     example = load_example("anomaly_detection")
     rng = np.random.default_rng(0)
@@ -113,7 +120,7 @@ def test_roc_auc_and_p_values() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["two_moons", "eight_gaussians", "checkerboard", "planar_vs_cnf", "anomaly_detection", "make_gallery"],
+    ["two_moons", "eight_gaussians", "checkerboard", "planar_vs_cnf", "anomaly_detection", "make_gallery", "images"],
 )
 def test_examples_do_nothing_at_import(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("sys.argv", ["example", "--no-such-option"])  # would fail if parsed at import

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 import cnf
 from cnf.divergence import exact_divergence_loop
 from cnf.fields import ACTIVATIONS, TIME_EMBEDDINGS, AutogradField
+from cnf.fields.mlp import DIVERGENCE_CHUNK_ROWS
 from cnf.flow import AugmentedDynamics
 
 
@@ -27,13 +30,20 @@ def autograd_velocity_and_divergence(field: nn.Module, t: torch.Tensor, x: torch
     return f, exact_divergence_loop(f, x, create_graph=False)
 
 
+# chunk_rows=4 with dim 3 cuts the 11 points into chunks of one; 6 into chunks of 2 (and a
+# last, shorter one); the default takes the batch whole.
+CHUNKS = (4, 6, DIVERGENCE_CHUNK_ROWS)
+
+
+@pytest.mark.parametrize("chunk_rows", CHUNKS)
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize(("dim", "hidden"), [(1, (8, 8)), (3, (8, 8)), (3, (5,)), (2, ())])
+@pytest.mark.parametrize(("dim", "hidden"), [(1, (8, 8)), (3, (8, 8)), (3, (5,)), (2, ()), (3, (4, 7, 5))])
 def test_forward_mode_divergence_equals_autograd(
-    activation: str, embedding: str, dim: int, hidden: tuple[int, ...]
+    activation: str, embedding: str, dim: int, hidden: tuple[int, ...], chunk_rows: int
 ) -> None:
     field = random_field(dim, activation, embedding, hidden)
+    field.divergence_chunk_rows = chunk_rows
     x = torch.randn(11, dim, dtype=torch.float64)
     t = torch.tensor(0.37, dtype=torch.float64)
     f_expected, div_expected = autograd_velocity_and_divergence(field, t, x)
@@ -42,6 +52,35 @@ def test_forward_mode_divergence_equals_autograd(
     torch.testing.assert_close(f, f_expected.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(div, div_expected, rtol=0, atol=1e-12)
     assert div.abs().max() > 1e-3  # the check is not trivially 0 == 0
+    with torch.enable_grad():  # the out-of-place path that autograd can differentiate
+        f_graph, div_graph = field.velocity_and_divergence(t, x)
+    torch.testing.assert_close(f_graph.detach(), f, rtol=0, atol=1e-12)
+    torch.testing.assert_close(div_graph.detach(), div, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_rows", CHUNKS)
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_forward_mode_divergence_in_float32_is_as_accurate_as_autograd(
+    activation: str, chunk_rows: int
+) -> None:
+    # Truth from float64 autograd; the float32 forward mode must be as close to it as float32
+    # autograd is (a few float32 roundings of a width-8 sum), not merely "close".
+    field64 = random_field(4, activation, "concatsquash", (8, 8, 8))
+    field32 = copy.deepcopy(field64).float()
+    field32.divergence_chunk_rows = chunk_rows
+    x = torch.randn(64, 4, dtype=torch.float64)
+    t = torch.tensor(0.81, dtype=torch.float64)
+    _, truth = autograd_velocity_and_divergence(field64, t, x)
+    _, div_autograd32 = autograd_velocity_and_divergence(field32, t.float(), x.float())
+    with torch.no_grad():
+        _, div32 = field32.velocity_and_divergence(t.float(), x.float())
+    assert div32.dtype == torch.float32
+    scale = truth.abs().max().item()
+    error, error_autograd = (
+        (div32.double() - truth).abs().max().item(),
+        (div_autograd32.double() - truth).abs().max().item(),
+    )
+    assert error <= max(4 * error_autograd, 2e-6 * scale), (error, error_autograd, scale)
 
 
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
@@ -54,8 +93,10 @@ def test_fused_layers_equal_the_per_sample_time_formula(embedding: str) -> None:
     torch.testing.assert_close(shared, per_sample, rtol=0, atol=1e-12)
 
 
-def test_forward_mode_parameter_gradients_equal_double_backward() -> None:
+@pytest.mark.parametrize("chunk_rows", (6, DIVERGENCE_CHUNK_ROWS))
+def test_forward_mode_parameter_gradients_equal_double_backward(chunk_rows: int) -> None:
     field = random_field(3, "tanh", "concatsquash")
+    field.divergence_chunk_rows = chunk_rows
     x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(0.2, dtype=torch.float64)
 
@@ -108,3 +149,63 @@ def test_forward_mode_needs_one_shared_time() -> None:
     field = cnf.MLPField(2, hidden=(8,))
     with pytest.raises(ValueError, match=r"one time shared by the batch.*\(4,\)"):
         field.velocity_and_divergence(torch.rand(4), torch.randn(4, 2))
+
+
+def test_compiled_forward_mode_equals_eager_without_recompiling_per_batch_size(monkeypatch) -> None:
+    # Solver(compile=True) scores through torch.compile; chunks of one fixed size (the last one
+    # zero-padded) mean one compilation serves every batch size. Traced with the "eager"
+    # backend (no C++ code generation, seconds instead of tens of seconds);
+    # benchmarks/work_precision.py runs the default inductor backend.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(cnf.fields.mlp, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(cnf.fields.mlp, "_COMPILED_KERNELS", {})
+    field = random_field(3, "softplus", "concatsquash", (6, 5))
+    field.divergence_chunk_rows = 12  # chunks of 4 samples
+    t = torch.tensor(0.3, dtype=torch.float64)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad():
+        for batch in (9, 4, 2):
+            x = torch.randn(batch, 3, dtype=torch.float64)
+            f, div = field.velocity_and_divergence(t, x, compiled=True)
+            f_eager, div_eager = field.velocity_and_divergence(t, x)
+            torch.testing.assert_close(f, f_eager, rtol=0, atol=1e-12)
+            torch.testing.assert_close(div, div_eager, rtol=0, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+    flow = cnf.CNF(field, solver=cnf.Solver("rk4", step_size=0.25, compile=True))
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with torch.no_grad():
+        compiled = flow.log_prob(x)
+        flow.solver = flow.solver.with_(compile=False)
+        torch.testing.assert_close(compiled, flow.log_prob(x), rtol=0, atol=1e-12)
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(TypeError, match="compile must be a bool, got 'yes'"):
+        cnf.Solver(compile="yes")
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("mode", ["concat", "film"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_chunked_forward_mode_with_context_equals_autograd(
+    mode: str, shared: bool, compiled: bool, monkeypatch
+) -> None:
+    # Per-sample context terms are cut with the chunks (and zero-padded for the compiled
+    # kernel); a context shared by the batch (1, k) broadcasts into every chunk.
+    monkeypatch.setattr(cnf.fields.mlp, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(cnf.fields.mlp, "_COMPILED_KERNELS", {})
+    torch.manual_seed(3)
+    field = cnf.MLPField(3, hidden=(6, 5), context_dim=2, context_mode=mode).double()
+    with torch.no_grad():
+        for p in field.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # FiLM starts as the identity: move off it
+    field.divergence_chunk_rows = 12  # chunks of 4 samples, the last one of 1
+    x = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1 if shared else 9, 2, dtype=torch.float64)
+    t = torch.tensor(0.7, dtype=torch.float64)
+    f = field(t, x, context=c)
+    expected = exact_divergence_loop(f, x, create_graph=False)
+    with torch.no_grad():
+        u, div = field.velocity_and_divergence(t, x, context=c, compiled=compiled)
+    torch.testing.assert_close(u, f.detach(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(div, expected, rtol=0, atol=1e-12)

@@ -13,6 +13,7 @@ from cnf.images import (
     evaluate_bits_per_dim,
     image_flow,
     image_trajectory,
+    interpolate,
     latent_interpolation,
     set_solver,
 )
@@ -99,3 +100,19 @@ def test_image_flow_errors() -> None:
         image_flow(SHAPE, LEVELS, model="glow")
     with pytest.raises(ValueError, match=r"integers in \[0, 4\).*\[0, 9\]"):
         evaluate_bits_per_dim(image_flow(SHAPE, LEVELS), torch.tensor([[[[0, 9], [1, 2]]]]))
+
+
+def test_spherical_interpolation_keeps_the_norm_where_the_line_cuts_inside() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z0, z1 = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    z1 = z1 * z0.norm() / z1.norm()  # equal norms: slerp stays on the sphere
+    sphere = interpolate(z0, z1, 7, spherical=True)
+    line = interpolate(z0, z1, 7)
+    torch.testing.assert_close(sphere[[0, -1]], torch.stack([z0, z1]))
+    torch.testing.assert_close(line[[0, -1]], torch.stack([z0, z1]))
+    norms = sphere.flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full_like(norms, float(z0.norm())))
+    assert line[3].norm() < 0.9 * z0.norm()  # the chord's middle is closer to the origin
+    # the great-circle steps are equal angles
+    cosines = (sphere[1:] * sphere[:-1]).flatten(1).sum(1) / norms[0] ** 2
+    torch.testing.assert_close(cosines, torch.full_like(cosines, float(cosines[0])))

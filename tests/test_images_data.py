@@ -76,7 +76,7 @@ def test_fashion_mnist_installed() -> None:
 def test_digits_images_split_is_fixed_and_disjoint() -> None:
     splits = load_digits_images(seed=0)
     assert splits.shape == (1, 8, 8) and splits.levels == 17
-    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [1258, 269, 270]
+    assert [len(s) for s in (splits.train, splits.val, splits.test)] == [1438, 179, 180]
     from sklearn.datasets import load_digits
 
     flat = torch.cat([splits.train, splits.val, splits.test]).reshape(-1, 64)
@@ -99,3 +99,12 @@ def test_check_images() -> None:
         check_images(torch.tensor([[[[0, 7]]]]), levels=4)
     with pytest.raises(TypeError, match="integer pixel values"):
         check_images(torch.full((1, 1, 2, 2), 0.5))
+
+
+def test_digits_images_have_the_rows_of_the_vector_digits_split() -> None:
+    from cnf.data.real import load_real
+
+    images, vectors = load_digits_images(seed=0), load_real("digits", dtype=torch.float64)
+    for part in ("train", "val", "test"):
+        flat = getattr(images, part).reshape(-1, 64).double()
+        assert torch.equal(flat, getattr(vectors, part)), part

@@ -11,7 +11,7 @@ import torch
 import cnf
 from cnf.cli import main, solver_from_file
 from cnf.data import sample_toy
-from cnf.tuning import BASELINE, TuneResult, candidate_solvers, label, tune
+from cnf.tuning import BASELINE, TuneResult, candidate_solvers, error_summary, label, mean_upper_bound, tune
 
 SMALL = dict(
     methods=("dopri5", "rk4"),
@@ -30,7 +30,8 @@ def result() -> TuneResult:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         flow = cnf.CNF(cnf.MLPField(2, hidden=(8, 8)))
-    return tune(flow, sample_toy("8gaussians", 64, seed=1), **SMALL)
+    # 64 points for the grid, then two fresh blocks of 64 (and a short remainder, left out).
+    return tune(flow, sample_toy("8gaussians", 64 * 3 + 10, seed=1), **SMALL, fresh_blocks=2)
 
 
 def test_candidate_grid() -> None:
@@ -54,15 +55,23 @@ def test_rows_and_recommendations(result: TuneResult) -> None:
     for row in result.rows:
         assert row["status"] == "ok"
         assert row["nfe"] > 0 and row["seconds"] > 0 and row["grad_seconds"] > 0
-        assert 0 <= row["logp_err_mean"] <= row["logp_err_max"]
+        assert 0 <= row["logp_err_median"] <= row["logp_err_q99"] <= row["logp_err_max"]
+        assert row["logp_err_mean"] <= row["logp_err_ucb"] <= row["logp_err_max"]
         assert row["roundtrip_err"] >= 0 and row["grad_rel_err"] >= 0
     tight = next(r for r in result.rows if r["setting"] == label(BASELINE))
     loose = next(r for r in result.rows if r["setting"] == "dopri5 rtol=1e-02 atol=1e-02")
     assert tight["logp_err_mean"] <= loose["logp_err_mean"] + 1e-6
     evaluation = result.recommended["evaluation"]
+    assert evaluation["error_key"] == "logp_err_ucb"  # judged by the bound, not the plain mean
     assert evaluation["met_budget"] and evaluation["error"] <= result.budget
-    within = [r for r in result.rows if r["logp_err_mean"] <= result.budget]
+    within = [r for r in result.rows if r["logp_err_ucb"] <= result.budget]
     assert evaluation["nfe"] == min(r["nfe"] for r in within)
+    # Re-checked on the fresh blocks of 64 points that took no part in the choice.
+    assert result.meta["fresh_blocks"] == 2 and [b["n"] for b in evaluation["fresh"]] == [64, 64]
+    for block in evaluation["fresh"]:
+        assert block["met_budget"] == (block["logp_err_mean"] <= result.budget)
+    assert evaluation["fresh_met_budget"] == all(b["met_budget"] for b in evaluation["fresh"])
+    assert "fresh blocks of points" in evaluation["note"]
     training = result.recommended["training"]
     assert training["error"] <= result.grad_budget
     for rec in (evaluation, training):
@@ -79,6 +88,25 @@ def test_files_apply_to_evaluate(result: TuneResult, tmp_path: Path) -> None:
     assert paths["plot"].stat().st_size > 0 and "| setting |" in paths["markdown"].read_text()
     solver = solver_from_file(str(paths["json"]))
     assert solver == cnf.Solver.from_dict(result.recommended["evaluation"]["solver"])
+
+
+def test_upper_bound_covers_a_known_mean() -> None:
+    # Exponential errors (mean 1, heavy enough to skew the mean): the 90% one-sided bound
+    # must lie above the true mean in ~90% of independent samples of 200 points.
+    generator = torch.Generator().manual_seed(0)
+    exponential = torch.distributions.Exponential(torch.tensor(1.0, dtype=torch.float64))
+    trials, covered = 300, 0
+    for _ in range(trials):
+        errors = -torch.log(torch.rand(200, dtype=torch.float64, generator=generator))
+        covered += (
+            mean_upper_bound(errors, 0.9, resamples=400, generator=generator) >= exponential.mean.item()
+        )
+    assert 0.84 <= covered / trials <= 0.95, covered / trials
+    summary = error_summary(torch.tensor([0.0, 1.0, 2.0, 3.0, 100.0]), 0.95, generator)
+    assert summary["logp_err_median"] == 2.0 and summary["logp_err_max"] == 100.0
+    assert summary["logp_err_mean"] == 21.2 and 21.2 < summary["logp_err_ucb"] <= 100.0
+    with pytest.raises(ValueError, match="confidence must lie in \\(0, 1\\), got 1.5"):
+        mean_upper_bound(torch.ones(3), 1.5)
 
 
 def test_nothing_within_budget_is_flagged() -> None:
@@ -105,6 +133,10 @@ def test_errors_name_the_argument() -> None:
         tune(flow, data, budget=0)
     with pytest.raises(ValueError, match="n_logp must be a positive int, got 0"):
         tune(flow, data, n_logp=0)
+    with pytest.raises(ValueError, match="fresh_blocks must be a non-negative int, got -1"):
+        tune(flow, data, fresh_blocks=-1)
+    with pytest.raises(ValueError, match="confidence must be a float in \\(0, 1\\), got 1.0"):
+        tune(flow, data, confidence=1.0)
 
 
 def test_cli_tune_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -128,10 +160,11 @@ def test_cli_tune_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -
     code = main(
         ["tune", "--checkpoint", checkpoint, "--data", "moons", "--methods", "dopri5", "rk4",
          "--tolerances", "1e-2", "1e-5", "--step-sizes", "0.25", "--no-mixed", "--n", "32",
-         "--n-grad", "8", "--repeats", "1", "--out", str(tmp_path / "tune")]
+         "--fresh-blocks", "1", "--n-grad", "8", "--repeats", "1", "--out", str(tmp_path / "tune")]
     )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
+    assert "fresh points" in printed
     assert "**evaluation**" in printed and "--solver-from" in printed
     tune_json = tmp_path / "tune" / "tune.json"
     assert main(["evaluate", "--checkpoint", checkpoint, "--data", "moons", "--n", "50", "--json",
@@ -142,3 +175,19 @@ def test_cli_tune_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -
     capsys.readouterr()
     assert main(["tune", "--checkpoint", str(planar / "checkpoint.pt"), "--data", "moons"]) == 2
     assert "needs a CNF checkpoint" in capsys.readouterr().err
+
+
+def test_cli_tune_without_gradients_draws_its_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # Used to crash in the plot ("Data cannot be log-scaled") with an empty gradient panel.
+    run = tmp_path / "run"
+    assert main(["train", "--data", "moons", "--iters", "1", "--out", str(run), "--n-train", "100",
+                 "--hidden", "4"]) == 0  # fmt: skip
+    code = main(
+        ["tune", "--checkpoint", str(run / "checkpoint.pt"), "--data", "moons", "--methods", "rk4",
+         "--step-sizes", "0.5", "0.25", "--no-mixed", "--n", "16", "--fresh-blocks", "1", "--repeats", "1",
+         "--no-gradients", "--out", str(tmp_path / "tune")]
+    )  # fmt: skip
+    assert code == 0
+    assert (tmp_path / "tune" / "tune.png").stat().st_size > 0
+    payload = json.loads((tmp_path / "tune" / "tune.json").read_text())
+    assert "training" not in payload["recommended"] and payload["rows"][0]["grad_rel_err"] is None

@@ -19,7 +19,7 @@ so the forward-mode divergence keeps its structure (FiLM scales the Jacobian col
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +103,130 @@ def time_column(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(x.shape[0], 1)
 
 
+# Rows of the (chunk * d, width) Jacobian-column matrix processed at a time. One 64-wide
+# float32 block of 4096 rows is 1 MiB: it stays in a core's L2 cache between the matrix product
+# and the slope product, and the allocator reuses it instead of mapping fresh pages on every
+# call (benchmarks/work_precision.py measures the effect; see README "Speed at equal error").
+DIVERGENCE_CHUNK_ROWS = 4096
+
+
+# One compiled forward_mode_chunk per field architecture (not per instance: copies of a field,
+# e.g. the float64 reference of cnf.tune, share it, and the field itself stays deep-copyable).
+# torch.compile specialises it on dtype and device by itself.
+_COMPILED_KERNELS: dict[tuple, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {}
+COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "eager" (no codegen)
+
+
+Terms = Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def forward_mode_chunk(
+    h: torch.Tensor,
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    activations: Sequence[nn.Module],
+    terms: Terms,
+    buffers: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L`` on one chunk ``h``.
+
+    ``affines`` holds each layer's (weight, bias) at the current time, ``terms`` each layer's
+    context (scale, shift) of its pre-activation (see MLPField.context_terms), each (1 or rows,
+    width) or None; a scale multiplies the columns like sigma'. The Jacobian columns are
+    a (rows, d, width) block: the first layer writes diag(s') W_1 as an outer product, each later
+    one a single matrix product and the slope product, and the trace is
+    ``columns.view(rows, d * width) @ W_L.view(d * width)``. With ``buffers`` (two flat blocks
+    of at least rows * d * width, no autograd) the products are written into them in place;
+    without, every product is out of place (autograd, torch.compile).
+    """
+    rows, dim = h.shape
+    columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
+    for i, ((weight, bias), activation, (scale, shift)) in enumerate(zip(affines[:-1], activations, terms)):
+        pre = _modulate(torch.addmm(bias, h, weight.t()), scale, shift)
+        h = activation(pre)
+        slope = activation_derivative(activation, pre, h)
+        if slope is None:
+            raise ValueError(
+                f"no analytic derivative for activation {activation!r}; use cnf.exact_divergence"
+            )
+        if scale is not None:
+            slope = slope * scale
+        width = weight.shape[0]
+        if buffers is None:
+            if columns is None:
+                columns = slope.unsqueeze(1) * weight.t().unsqueeze(0)
+            else:
+                product = columns.reshape(rows * dim, -1) @ weight.t()
+                columns = product.reshape(rows, dim, width) * slope.unsqueeze(1)
+            continue
+        target = buffers[i % 2][: rows * dim * width].view(rows, dim, width)
+        if columns is None:
+            torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
+        else:
+            torch.mm(columns.view(rows * dim, -1), weight.t(), out=target.view(rows * dim, width))
+            target.mul_(slope.unsqueeze(1))
+        columns = target
+    weight, bias = affines[-1]
+    velocity = _modulate(torch.addmm(bias, h, weight.t()), *terms[-1])
+    if columns is None:  # no hidden layer: u is affine in x
+        return velocity, torch.diagonal(weight).sum().expand(rows)
+    # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
+    return velocity, columns.reshape(rows, -1) @ weight.reshape(-1)
+
+
+def forward_mode_divergence(
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    activations: Sequence[nn.Module],
+    x: torch.Tensor,
+    terms: Terms | None = None,
+    chunk_rows: int = DIVERGENCE_CHUNK_ROWS,
+    kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(u, div u)`` of an MLP (see :func:`forward_mode_chunk`) over the batch ``x``, exact.
+
+    The batch is cut into chunks of ``chunk_rows // d`` samples. Without autograd (scoring) the
+    column blocks are two buffers reused across layers and chunks, so a call allocates little
+    more than its outputs; with autograd (training) every product is out of place so that
+    backward works. ``kernel`` (a compiled :func:`forward_mode_chunk`) takes every chunk at
+    the full chunk size, the last one zero-padded, so its shapes never change.
+    """
+    batch, dim = x.shape
+    if terms is None:
+        terms = [(None, None)] * len(affines)
+    chunk = max(1, chunk_rows // dim)
+    if kernel is None:
+        chunk = min(batch, chunk)
+    widths = [weight.shape[0] for weight, _ in affines[:-1]]
+    buffers: list[torch.Tensor] | None = None
+    if kernel is None and not torch.is_grad_enabled() and widths:
+        size = chunk * dim * max(widths)  # two ping-pong blocks, enough for every hidden width
+        buffers = [x.new_empty(size), x.new_empty(size)]
+    velocities, divergences = [], []
+    for start in range(0, batch, chunk):
+        h = x[start : start + chunk]
+        rows = h.shape[0]
+        pad = chunk - rows if kernel is not None else 0
+        part = [tuple(_rows(term, start, rows, batch, pad) for term in pair) for pair in terms]
+        if kernel is None:
+            velocity, divergence = forward_mode_chunk(h, affines, activations, part, buffers)
+        else:
+            velocity, divergence = kernel(_rows(h, 0, rows, rows, pad), affines, activations, part)
+            velocity, divergence = velocity[:rows], divergence[:rows]
+        velocities.append(velocity)
+        divergences.append(divergence)
+    if len(velocities) == 1:
+        return velocities[0], divergences[0]
+    return torch.cat(velocities), torch.cat(divergences)
+
+
+def _rows(term: torch.Tensor | None, start: int, rows: int, batch: int, pad: int) -> torch.Tensor | None:
+    """Rows start..start+rows of a per-sample term (batch rows; one row broadcasts and is kept),
+    zero-padded by ``pad`` rows."""
+    if term is None or (term.shape[0] == 1 and batch != 1):
+        return term
+    term = term[start : start + rows]
+    return torch.cat([term, term.new_zeros(pad, *term.shape[1:])]) if pad else term
+
+
 class MLPField(nn.Module):
     """A time-conditioned MLP velocity field ``u(x, t)`` on R^dim.
 
@@ -151,6 +275,8 @@ class MLPField(nn.Module):
         self.activation_name = activation if isinstance(activation, str) else type(activation).__name__
         self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activations = nn.ModuleList(make_activation() for _ in hidden)
+        # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only).
+        self.divergence_chunk_rows = DIVERGENCE_CHUNK_ROWS
         self._init_context(context_dim, context_mode, embedding, widths[1:])
 
     def _init_context(
@@ -252,17 +378,27 @@ class MLPField(nn.Module):
         return all(activation_derivative(a, probe, probe) is not None for a in self.activations)
 
     def velocity_and_divergence(
-        self, t: torch.Tensor | float, x: torch.Tensor, context: torch.Tensor | None = None
+        self,
+        t: torch.Tensor | float,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        compiled: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u(x, t), div u(x, t))`` from one pass, the divergence exact.
 
         Forward-mode Jacobian: with layer l's affine map (W_l, b_l) at time t and D_l = diag
         sigma'(z_l), the columns J e_j = W_L D_{L-1} W_{L-1} ... D_1 W_1 e_j are carried as a
-        (d, batch, width) tensor and the trace takes the diagonal at the last layer. Same
-        matrix products as d autograd VJPs, but no graph, fewer elementwise passes, and when
-        training the gradient is a plain backward instead of a double backward. ``t`` must be
-        one time shared by the batch. A context adds a per-sample shift (c does not change
-        d/dx) and, with FiLM, a per-sample scale that multiplies the columns like sigma'.
+        (batch, d, width) tensor and the trace is one matrix-vector product with the last
+        weight. Same matrix products as d autograd VJPs, but no graph, and when training the
+        gradient is a plain backward instead of a double backward. ``t`` must be one time
+        shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
+        A context adds a per-sample shift (c does not change d/dx) and, with FiLM, a
+        per-sample scale that multiplies the columns like sigma'.
+
+        ``compiled=True`` runs each chunk through ``torch.compile`` when no gradient is
+        recorded (scoring; training stays eager): the first call compiles (seconds to tens of
+        seconds), later calls reuse it for every batch size since chunks have one fixed size.
         """
         tt = time_column(t, x)
         if tt.shape[0] != 1:
@@ -270,30 +406,18 @@ class MLPField(nn.Module):
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
         terms = self.context_terms(context, x.shape[0])
-        h, columns = x, None  # columns[j] = d h / d x_j, shape (d, batch, width)
-        for layer, activation, (scale, shift) in zip(self.layers[:-1], self.activations, terms):
-            weight, bias = layer.affine(tt)
-            pre = _modulate(nn.functional.linear(h, weight, bias), scale, shift)
-            h = activation(pre)
-            slope = activation_derivative(activation, pre, h)
-            if slope is None:
-                raise ValueError(
-                    f"no analytic derivative for activation {self.activation_name!r}; use cnf.exact_divergence"
+        kernel = None
+        if compiled and not torch.is_grad_enabled():
+            key = (self.dim, self.hidden, self.time_embedding, tuple(map(repr, self.activations)))
+            kernel = _COMPILED_KERNELS.get(key)
+            if kernel is None:
+                kernel = _COMPILED_KERNELS[key] = torch.compile(
+                    forward_mode_chunk, dynamic=False, backend=COMPILE_BACKEND
                 )
-            if scale is not None:
-                slope = slope * scale
-            if columns is None:
-                # (d, batch, width), contiguous so that the next layer's reshape is free
-                columns = slope.unsqueeze(0) * weight.t().contiguous().unsqueeze(1)
-            else:
-                dim, batch, width = columns.shape
-                columns = (columns.reshape(dim * batch, width) @ weight.t()).reshape(dim, batch, -1) * slope
-        weight, bias = self.layers[-1].affine(tt)
-        out = _modulate(nn.functional.linear(h, weight, bias), *terms[-1])
-        if columns is None:  # no hidden layer: u is affine in x
-            return out, torch.diagonal(weight).sum().expand(x.shape[0])
-        # div u = sum_j (W_L J_{L-1} e_j)_j: only the diagonal of the last product is needed.
-        return out, (columns * weight.unsqueeze(1)).sum(dim=(0, 2))
+        affines = [layer.affine(tt) for layer in self.layers]
+        return forward_mode_divergence(
+            affines, list(self.activations), x, terms, self.divergence_chunk_rows, kernel
+        )
 
     def config(self) -> dict | None:
         """Keyword arguments that rebuild this field (for checkpoints); None with a user

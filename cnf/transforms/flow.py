@@ -118,7 +118,7 @@ class TransformedFlow(nn.Module):
     def trajectory(self, x0: torch.Tensor, ts: Sequence[float] | torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """The flow's trajectory of base points x0, mapped back to the data's units."""
         path = self.flow.trajectory(x0, ts, **kwargs)
-        return self.preprocess.inverse(path.flatten(0, 1)).reshape(path.shape[:2] + (-1,))
+        return self.preprocess.inverse(path.flatten(0, 1)).reshape(path.shape)  # (T, n, ...): images too
 
     @property
     def bin_width(self) -> float | None:
