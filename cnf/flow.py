@@ -79,6 +79,17 @@ def check_base(base: Any, dim: int | tuple[int, ...]) -> Any:
     return base
 
 
+def context_arguments(field: nn.Module, context: torch.Tensor | None) -> dict[str, Any]:
+    """The keyword arguments that hand a checked ``context`` ((1, k) or (batch, k)) to ``field``
+    on each evaluation of one solve: none without a context, else the context itself, or the
+    field's own prepared form of it (:meth:`cnf.MLPField.prepare_context`, computed once here
+    instead of on every evaluation; gradients reach c through it, adjoint included)."""
+    if context is None:
+        return {}
+    prepare = getattr(field, "prepare_context", None)
+    return {"context": prepare(context, context.shape[0]) if callable(prepare) else context}
+
+
 class AugmentedDynamics(nn.Module):
     """Right-hand side of the augmented ODE: (dx/dt, da/dt) = (u(x, t), div u(x, t)).
 
@@ -107,7 +118,7 @@ class AugmentedDynamics(nn.Module):
         self.divergence = divergence
         self.probe = probe
         self.regularization = regularization
-        self.field_kwargs = {} if context is None else {"context": context}
+        self.field_kwargs = context_arguments(field, context)
         self.compile = compile
         # A field that knows its own exact divergence (MLPField) skips autograd altogether.
         self.analytic = (
@@ -157,7 +168,7 @@ class PositionDynamics(nn.Module):
     def __init__(self, field: nn.Module, context: torch.Tensor | None = None) -> None:
         super().__init__()
         self.field = field
-        self.field_kwargs = {} if context is None else {"context": context}
+        self.field_kwargs = context_arguments(field, context)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.field(t, x, **self.field_kwargs)

@@ -315,12 +315,22 @@ class MLPField(nn.Module):
             for layer in self.context_layers:
                 nn.init.zeros_(layer.bias)
 
+    def prepare_context(self, context: torch.Tensor | None, batch: int) -> PreparedContext | None:
+        """The per-layer terms of ``context`` for a batch of ``batch`` points, computed once: a
+        solve hands them to every evaluation instead of recomputing them (c does not change
+        during a solve). Gradients still reach c and the embedding through them."""
+        return None if context is None else PreparedContext(self.context_terms(context, batch), batch)
+
     def context_terms(
-        self, context: torch.Tensor | None, batch: int
+        self, context: torch.Tensor | PreparedContext | None, batch: int
     ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Per layer ``(scale, shift)`` from the context, each (1 or batch, width) or None.
 
         A layer's pre-activation z becomes ``z * scale + shift``; both None without a context."""
+        if isinstance(context, PreparedContext):
+            if context.batch not in (1, batch):
+                raise ValueError(f"a context prepared for {context.batch} points was given {batch} points")
+            return context.terms
         count = len(self.layers)
         if self.context_dim is None:
             if context is not None:
@@ -425,12 +435,22 @@ class MLPField(nn.Module):
         return config
 
 
+class PreparedContext:
+    """An MLPField's per-layer context terms for one solve (see :meth:`MLPField.prepare_context`)."""
+
+    def __init__(self, terms: list[tuple[torch.Tensor | None, torch.Tensor | None]], batch: int) -> None:
+        self.terms = terms
+        self.batch = batch
+
+
 def _modulate(pre: torch.Tensor, scale: torch.Tensor | None, shift: torch.Tensor | None) -> torch.Tensor:
-    """``pre * scale + shift`` with either factor absent."""
+    """``pre * scale + shift`` with either factor absent (one fused pass when both are there)."""
+    if scale is not None and shift is not None:
+        return torch.addcmul(shift, pre, scale)
     if scale is not None:
-        pre = pre * scale
+        return pre * scale
     if shift is not None:
-        pre = pre + shift
+        return pre + shift
     return pre
 
 
