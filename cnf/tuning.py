@@ -62,8 +62,8 @@ RANK_BY = ("nfe", "seconds")
 DEFAULT_BUDGET = 1e-3
 DEFAULT_GRAD_BUDGET = 1e-2
 # Points per block: the grid is scored on one block, the recommendation re-checked on fresh
-# ones. With ~4,000 points the 95% bound of a heavy-tailed mean error sits within ~1.5x of the
-# mean on the trained 8gaussians model (benchmarks/results/tune); 1,000 left it at ~2-3x.
+# ones. The bound's width shrinks like 1/sqrt(n); 4x the former 1,000 points halves it
+# (benchmarks/results/tune shows mean and bound per setting).
 DEFAULT_N_LOGP = 4000
 DEFAULT_FRESH_BLOCKS = 3
 DEFAULT_CONFIDENCE = 0.95
