@@ -35,7 +35,7 @@ from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
 from cnf.planar import ConditionalPlanarFlow, PlanarFlow
-from cnf.recipes import recipe
+from cnf.recipes import default_objective, exact_evaluation, model_recipe, recipe
 from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
@@ -162,13 +162,15 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
 
 
 def timed_nll(
-    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None
+    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None, exact: bool = True
 ) -> dict[str, Any]:
     """Test NLL in nats (data units; conditional, mean -log p(x | c), with a context), NFE of the
     scoring solve and seconds, all from one pass; bits per dimension too for discrete data (a
-    flow whose preprocessing dequantises)."""
+    flow whose preprocessing dequantises). With ``exact`` a CNF scores with the exact divergence
+    at the recipes' evaluation tolerance (:func:`cnf.recipes.exact_evaluation`), whatever it
+    trained with; else with its own solver."""
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), exact_evaluation(flow) if exact else contextlib.nullcontext():
         data = data.to(distributed.flow_device(flow))
         conditional = {} if context is None else {"context": context.to(data.device)}
         log_prob = flow.log_prob(data, **conditional)
@@ -230,7 +232,9 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
     splits = load_splits(run["data"], run["n_train"], run["seed"])
     splits, contexts = context_split(splits, args.context_columns, run["data"])
     dim = splits[0].shape[1]
-    for name, value in {**MODEL_DEFAULTS, **SOLVER_DEFAULTS}.items():
+    data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
+    # Flags left out: the model recipe of this dimension and kind of data (cnf.recipes).
+    for name, value in {**MODEL_DEFAULTS, **SOLVER_DEFAULTS, **model_recipe(dim, data_kind)}.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.manual_seed(run["seed"])
@@ -239,9 +243,8 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
         fit_context_standardization(model, contexts[0])
         model.context_columns = run["context_columns"] = list(args.context_columns)
     flow = preprocessed(args, run["data"], model, splits[0])
-    objective = args.objective or "likelihood"
+    objective = args.objective or default_objective(dim, data_kind)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-    data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
     base = recipe(objective, dim, data_kind, time_limit=time_limit)
     settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     run["data_kind"] = data_kind
@@ -562,11 +565,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cli_images.is_image_source(args.data):
         solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
         return cli_images.evaluate_images(flow, args.data, args.json, solver)
-    if args.solver_from is not None and isinstance(flow, CNF):
-        flow.solver = solver_from_file(args.solver_from)
+    inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    if args.solver_from is not None and isinstance(inner, CNF):
+        inner.solver = solver_from_file(args.solver_from)
     data = load_eval_data(args.data, args.n, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
-    metrics = timed_nll(flow, data) if context is None else timed_nll(flow, data, context)
+    # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
+    exact = args.solver_from is None
+    if context is None:
+        metrics = timed_nll(flow, data) if exact else timed_nll(flow, data, exact=False)
+    else:
+        metrics = timed_nll(flow, data, context, exact=exact)
     if context is not None:
         metrics["conditional"] = True
     if args.json:

@@ -6,8 +6,8 @@
     cnf evaluate --checkpoint runs/digits/checkpoint.pt --data digits-images --json
     cnf plot --checkpoint runs/digits/checkpoint.pt --data digits-images --out plots
 
-Image data take the image recipe (:data:`cnf.images.IMAGE_RECIPE`) for every option left at
-its default; the summary and ``--json`` carry ``bits_per_dim``. Split: the named datasets' fixed
+Image data take the image recipe (:data:`cnf.images.IMAGE_RECIPE`, training settings from
+:func:`cnf.recipes.recipe` with ``data_kind="image"``) for every option not given; the summary and ``--json`` carry ``bits_per_dim``. Split: the named datasets' fixed
 splits (:mod:`cnf.data.images`); a file is split 80 / 10 / 10 % with a fixed seed, and
 ``cnf evaluate --data FILE`` scores the whole file.
 """
@@ -31,23 +31,9 @@ from cnf.training import TrainSettings, train
 #: Training seconds of ``cnf train`` on images when no --time-limit is given (as for vectors).
 DEFAULT_TIME_LIMIT = 90.0
 
-#: The vector defaults of ``cnf train`` options: an option still at this value takes the image recipe's.
-VECTOR_DEFAULTS: dict[str, Any] = {
-    "model": "cnf",
-    "hidden": [64, 64, 64],
-    "activation": "tanh",
-    "divergence": "exact",
-    "noise": "gaussian",
-    "method": "dopri5",
-    "lr": 5e-3,
-    "batch_size": 512,
-}
-
-
 def _given(args: argparse.Namespace, name: str) -> Any:
-    """The option's value if the user set it, else None."""
-    value = getattr(args, name, None)
-    return None if value is None or value == VECTOR_DEFAULTS.get(name) else value
+    """The option's value if the user set it (the train flags default to None), else None."""
+    return getattr(args, name, None)
 
 
 def is_image_source(source: str | None) -> bool:
@@ -61,7 +47,7 @@ def is_image_source(source: str | None) -> bool:
         return False
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False).ndim == 4
-    except (ValueError, OSError, EOFError):  # not a readable .npy: the vector loader explains why
+    except (ValueError, EOFError, OSError):  # unreadable: the table loader reports it
         return False
 
 
@@ -81,7 +67,8 @@ def build_image_model(args: argparse.Namespace, splits: ImageSplits) -> nn.Modul
     method = _given(args, "method")
     solver = IMAGE_RECIPE.train_solver
     if method is not None:
-        solver = Solver(method=method, rtol=args.rtol, atol=args.atol, adjoint=bool(args.adjoint))
+        tolerances = {k: v for k, v in (("rtol", args.rtol), ("atol", args.atol)) if v is not None}
+        solver = Solver(method=method, adjoint=bool(args.adjoint), **tolerances)
     return image_flow(
         splits.shape,
         splits.levels,
@@ -103,7 +90,9 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
     flow = build_image_model(args, splits)
-    objective = args.objective or IMAGE_RECIPE.objective
+    model = flow.config()["flow"]["kind"]
+    # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
+    objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
     base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
     given = {
@@ -124,7 +113,8 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     score = evaluate_bits_per_dim(flow, splits.test)
     summary = {
         "data": args.data,
-        "model": flow.config()["flow"]["kind"],
+        "model": model,
+        "objective": settings.objective,
         "steps": result.step,
         "train_seconds": round(result.seconds, 2),
         "stopped_by": result.stopped_by,

@@ -26,6 +26,8 @@ then :func:`_by_dimension` for adjustments by dimension and data kind (the place
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from cnf.losses import OBJECTIVES
@@ -80,16 +82,90 @@ def _check(objective: str, dim: int, data_kind: str) -> None:
         raise ValueError(f"unknown data_kind {data_kind!r}; choose one of {DATA_KINDS}")
 
 
+#: Above this dimension (and for any non-toy data) the real-data recipes below apply; the 2-D
+#: toys keep the settings measured on them.
+TOY_DIM = 2
+
+#: Training settings on real data (d > 2), from benchmarks/real_data.py on digits (d = 64; README,
+#: "Recipes by dimension", which says what was and was not measured): lr 1e-3 (the toys' 5e-3
+#: was not tried on 100k-parameter fields), batch 256 for every objective.
+_REAL_DATA_SETTINGS: dict[str, dict[str, Any]] = {
+    "likelihood": {"lr": 1e-3, "batch_size": 256, "val_every": 50},
+    "flow_matching": {"lr": 1e-3, "batch_size": 256, "val_every": 500},
+    "ot_flow_matching": {"lr": 1e-3, "batch_size": 256, "val_every": 500},
+}
+
+#: The solver every reported likelihood is computed with: the exact divergence at a tight
+#: tolerance, whatever the training used (Hutchinson, fixed-step RK4, looser tolerances).
+EVALUATION_SOLVER: dict[str, Any] = {"method": "dopri5", "rtol": 1e-5, "atol": 1e-5}
+
+
 #: Integer images (cnf.images.image_flow; measured by benchmarks/images.py on digits): Adam at 1e-3
 #: and batch 128 for every objective, validation every 100 steps, no EMA.
 IMAGE_SETTINGS: dict[str, Any] = {"lr": 1e-3, "batch_size": 128, "lr_schedule": "cosine", "val_every": 100, "ema_decay": None}
 
 
 def _by_dimension(objective: str, dim: int, data_kind: str) -> dict[str, Any]:
-    """Adjustments of the per-objective recipe by dimension and data kind (images so far)."""
+    """Adjustments of the per-objective recipe by dimension and data kind (images, real data)."""
     if data_kind == "image" and objective != "elbo":
         return dict(IMAGE_SETTINGS)
-    return {}
+    if data_kind == "toy" or dim <= TOY_DIM:
+        return {}
+    return dict(_REAL_DATA_SETTINGS.get(objective, {}))
+
+
+def default_objective(dim: int, data_kind: str = "toy") -> str:
+    """The objective ``cnf train`` uses when none is given.
+
+    Maximum likelihood on the 2-D toys (benchmarks/training_speed.py); OT flow matching on real
+    data with d > 2, where a likelihood step costs a solve with ~25 NFE of a 64-D field and
+    flow matching makes ~10x more steps in the same time (benchmarks/real_data.py).
+    """
+    _check("likelihood", dim, data_kind)
+    return "likelihood" if data_kind == "toy" or dim <= TOY_DIM else "ot_flow_matching"
+
+
+def model_recipe(dim: int, data_kind: str = "toy") -> dict[str, Any]:
+    """The CNF's field and training-solver settings by dimension (``cnf train`` flag names).
+
+    Empty on the 2-D toys (the CLI's 64x64x64 field, exact divergence, dopri5 at 1e-5 stand).
+    Real data with d > 2: a 256x256x256 field; for maximum likelihood a Rademacher Hutchinson
+    probe from d = 16 on (the exact divergence costs d vector-Jacobian products per step; see
+    benchmarks/scaling.py) and dopri5 at 1e-3 for training, since the likelihood is computed
+    again at :data:`EVALUATION_SOLVER` for every reported number.
+    """
+    _check("likelihood", dim, data_kind)
+    if data_kind == "toy" or dim <= TOY_DIM:
+        return {}
+    return {
+        "hidden": [256, 256, 256],
+        "divergence": "hutchinson" if dim >= 16 else "exact",
+        "noise": "rademacher",
+        "method": "dopri5",
+        "rtol": 1e-3,
+        "atol": 1e-3,
+    }
+
+
+@contextmanager
+def exact_evaluation(flow: Any) -> Iterator[None]:
+    """Inside the block, a CNF (also inside a :class:`cnf.TransformedFlow`) scores with the exact
+    divergence and :data:`EVALUATION_SOLVER`; its own settings come back afterwards."""
+    from cnf.flow import CNF
+
+    inner = flow
+    while hasattr(inner, "preprocess") and hasattr(inner, "flow"):
+        inner = inner.flow
+    if not isinstance(inner, CNF):
+        yield
+        return
+    saved = inner.divergence, inner.solver
+    inner.divergence = "exact"
+    inner.solver = inner.solver.with_(**EVALUATION_SOLVER, step_size=None)
+    try:
+        yield
+    finally:
+        inner.divergence, inner.solver = saved
 
 
 def recipe(

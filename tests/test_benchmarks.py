@@ -70,7 +70,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     if name == "vae":
         rows = payload["rows"]
         assert [r["posterior"] for r in rows] == ["gaussian", "planar", "iaf", "cnf"]
-        assert all(r["iwae"] >= r["elbo"] - 1.0 and r["k"] == 5 and r["iwae_two_se"] > 0 for r in rows)
+        scored = [r for r in rows if "iwae" in r]  # iaf is skipped where zuko does not import (CI)
+        assert {r["posterior"] for r in scored} >= {"gaussian", "planar", "cnf"}
+        assert all(r["iwae"] >= r["elbo"] - 1.0 and r["k"] == 5 and r["iwae_two_se"] > 0 for r in scored)
         assert rows[0]["iwae_vs_gaussian"] == 0.0 and payload["k"] == 5
     if name == "scaling":
         assert payload["crossover"] and any(r["hutchinson_std"] is not None for r in payload["rows"])
@@ -84,9 +86,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert payload["assignment"][0]["global_ms"] > 0
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
-        assert {"gaussian", "gmm", "kde", "cnf-ml", "cnf-rnode", "cnf-otfm"} <= set(models)
+        assert {"gaussian", "gmm", "kde", "cnf-default", "cnf-ml", "cnf-rnode"} <= set(models)
         assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
-        assert models["cnf-otfm"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
+        assert models["cnf-default"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
     if name == "work_precision":
         assert (tmp_path / "work_precision.png").stat().st_size > 0
@@ -115,6 +117,8 @@ def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pyte
     assert libraries["cnf"]["seconds"] > 0
     assert "skipped: zuko does not import" in libraries["zuko"]["note"]
     discrete_vs_continuous.main(["--quick", "--out", str(tmp_path)])
+    vae_rows = vae.main(["--quick", "--posteriors", "gaussian", "iaf", "--out", str(tmp_path)])["rows"]
+    assert vae_rows[1]["stopped_by"] == "skipped: zuko does not import" and "iwae" in vae_rows[0]
     payload = _read(tmp_path, "discrete_vs_continuous")
     assert any("zuko is not installed" in note for note in payload["notes"])
     assert "maf" not in {r["model"] for r in payload["rows"]}

@@ -25,7 +25,8 @@ def test_train_and_evaluate_images_from_a_file(
     out = tmp_path / "run"
     assert main(["train", "--data", str(image_file), "--iters", "2", "--hidden", "4", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "multiscale" and summary["steps"] == 2 and summary["test_n"] == 4
+    assert summary["model"] == "cnf" and summary["objective"] == "flow_matching"
+    assert summary["steps"] == 2 and summary["test_n"] == 4
     assert summary["test_bits_per_dim"] > 7.5  # 256 levels: a uniform model scores 8 bits
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json"]) == 0
@@ -35,6 +36,14 @@ def test_train_and_evaluate_images_from_a_file(
     plots = tmp_path / "plots"
     assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--out", str(plots)]) == 0
     assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png"}
+
+
+def test_multiscale_trains_by_likelihood(image_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ms"
+    args = ["train", "--data", str(image_file), "--model", "multiscale", "--iters", "1", "--hidden", "4", "--method", "euler"]
+    assert main([*args, "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == "multiscale" and summary["objective"] == "likelihood"
 
 
 def test_image_errors_are_reported(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from cnf.cli import main
 from cnf.data import sample_toy
-from cnf.transforms import Dequantize, Logit, Standardize, choose_preprocessing
+from cnf.transforms import Dequantize, Logit, Standardize, Whiten, choose_preprocessing
 
 F64 = torch.float64
 
@@ -20,26 +20,27 @@ def kinds(transform) -> list[type]:
     return [type(t) for t in transform.leaves()]
 
 
-def test_integer_data_are_dequantized_logit_and_standardized() -> None:
+def test_integer_data_are_dequantized_logit_and_whitened() -> None:
     train = torch.randint(0, 17, (200, 5), generator=torch.Generator().manual_seed(0)).to(F64)
     transform, notes = choose_preprocessing(train)
-    assert kinds(transform) == [Dequantize, Logit, Standardize]
+    assert kinds(transform) == [Dequantize, Logit, Whiten]
     dequantize = next(transform.leaves())
     assert (dequantize.levels, dequantize.low) == (17, 0.0)
     assert notes[0].startswith("dequantize: every value is an integer, 17 levels")
     y, logdet = transform(train)
-    # Standardised on the training split: the transformed training data have mean ~0, std ~1.
+    # Whitened on the training split: the transformed training data have mean ~0, std ~1.
     assert y.mean(0).abs().max() < 0.15 and (y.std(0) - 1).abs().max() < 0.15
     assert torch.isfinite(logdet).all()
 
 
 def test_unit_interval_scaled_and_unit_scale_data() -> None:
     unit = torch.rand(100, 3, dtype=F64, generator=torch.Generator().manual_seed(0))
-    assert kinds(choose_preprocessing(unit)[0]) == [Logit, Standardize]
+    assert kinds(choose_preprocessing(unit)[0]) == [Logit, Whiten]
     wide = torch.randn(100, 3, dtype=F64) * torch.tensor([1.0, 100.0, 1.0], dtype=F64)
-    assert kinds(choose_preprocessing(wide)[0]) == [Standardize]
+    assert kinds(choose_preprocessing(wide)[0]) == [Whiten]
+    assert kinds(choose_preprocessing(wide[:5])[0]) == [Standardize]  # too few rows for a covariance
     shifted = torch.randn(100, 2, dtype=F64) + 20.0
-    assert kinds(choose_preprocessing(shifted)[0]) == [Standardize]
+    assert kinds(choose_preprocessing(shifted)[0]) == [Standardize]  # 2-D: columns only
     transform, notes = choose_preprocessing(sample_toy("moons", 1000, 0))
     assert transform is None and "no preprocessing" in notes[-1]
 
@@ -89,3 +90,33 @@ def test_cli_preprocess_none_keeps_a_plain_cnf(tmp_path: Path, capsys: pytest.Ca
     assert "no preprocessing" in capsys.readouterr().out
     assert main(["train", "--data", "wine", "--out", str(out), "--preprocess", "logit", *tiny[:-2]]) == 2
     assert "x must lie in the open interval" in capsys.readouterr().err
+
+
+def test_recipes_by_dimension() -> None:
+    from cnf.recipes import default_objective, model_recipe, recipe
+
+    assert model_recipe(2, "toy") == {} and default_objective(2, "toy") == "likelihood"
+    assert recipe("likelihood", 2, "toy")["lr"] == 5e-3  # the toys keep their measured recipe
+    assert model_recipe(8, "tabular")["divergence"] == "exact"
+    assert model_recipe(64, "tabular")["divergence"] == "hutchinson"
+    assert model_recipe(64, "tabular")["noise"] == "rademacher"
+    assert default_objective(64, "tabular") == "ot_flow_matching"
+    assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 1e-3
+
+
+def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> None:
+    import cnf
+    from cnf.recipes import EVALUATION_SOLVER, exact_evaluation
+
+    torch.manual_seed(0)
+    field = cnf.MLPField(3, hidden=(8,))
+    training = cnf.Solver(method="rk4", step_size=0.5)
+    inner = cnf.CNF(field, divergence="hutchinson", noise="rademacher", solver=training).double()
+    flow = cnf.TransformedFlow(inner, Standardize(torch.ones(3, dtype=F64), 2 * torch.ones(3, dtype=F64)))
+    x = torch.randn(6, 3, dtype=F64)
+    reference = cnf.CNF(field, solver=cnf.Solver(**EVALUATION_SOLVER)).double()
+    with torch.no_grad(), exact_evaluation(flow):
+        scored = flow.log_prob(x)
+    expected = reference.log_prob((x - 1) / 2) - 3 * np.log(2.0)
+    torch.testing.assert_close(scored, expected, atol=1e-7, rtol=0)
+    assert inner.divergence == "hutchinson" and inner.solver == training

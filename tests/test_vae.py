@@ -205,7 +205,6 @@ def test_gradients_reach_encoder_decoder_and_flow(family: str) -> None:
 
 def test_binarized_digits_are_dynamic_for_training_and_fixed_for_test() -> None:
     first, second = load_binarized("digits"), load_binarized("digits", n_train=100)
-    # the rows of the fixed 80/10/10 split that the image and vector digits share
     assert first.train.shape == (1438, 64) and first.val.shape == (179, 64) and first.shape == (8, 8)
     assert ((first.train > 0) & (first.train < 1)).any() and first.train.min() >= 0 and first.train.max() <= 1
     assert set(first.test.unique().tolist()) == {0.0, 1.0}

@@ -1,7 +1,7 @@
 """Binarised images for VAEs with Bernoulli decoders, flattened to (n, H*W).
 
 * ``digits``: scikit-learn's 8x8 digits (CC BY 4.0), grey levels 0..16 scaled to [0, 1]; the
-  fixed 70 / 15 / 15 % split of :func:`cnf.data.images.load_digits_images`.
+  fixed 80 / 10 / 10 % split of :func:`cnf.data.images.load_digits_images`.
 * ``fashion-mnist``: Zalando's Fashion-MNIST (MIT licence) from the Debian package
   ``dataset-fashion-mnist``, grey levels 0..255 scaled to [0, 1]; 50,000 / 10,000 / 10,000.
 

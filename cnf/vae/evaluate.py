@@ -79,7 +79,7 @@ def grid_posterior(
     if vae.latent_dim != 2:
         raise ValueError(f"grid_posterior needs a 2-D latent space, got latent_dim={vae.latent_dim}")
     anchor = next(vae.parameters())
-    axis = torch.linspace(-bound, bound, resolution, dtype=anchor.dtype)
+    axis = torch.linspace(-bound, bound, resolution, dtype=anchor.dtype, device=anchor.device)
     zz = torch.cartesian_prod(axis, axis).flip(-1)  # rows: (z1 = x axis, z2 = y axis), y slowest
     cell = float(axis[1] - axis[0]) ** 2
     with torch.no_grad():

@@ -16,6 +16,7 @@ dimension D: ``log_prob(x)`` is the importance-weighted bound with ``score_sampl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -198,7 +199,7 @@ class VAE(nn.Module):
         for start in range(0, k, chunk):
             parts.append(self.log_weights(x, min(chunk, k - start), generator)["log_w"])
         log_w = torch.cat(parts)
-        return torch.logsumexp(log_w, dim=0) - torch.log(torch.tensor(float(k), dtype=log_w.dtype))
+        return torch.logsumexp(log_w, dim=0) - math.log(k)
 
     def log_prob(self, x: torch.Tensor, **ignored: Any) -> torch.Tensor:
         """A lower bound on log p(x) per row: IWAE with ``score_samples`` samples (1: the ELBO)."""

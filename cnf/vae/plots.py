@@ -27,7 +27,7 @@ def plot_image_rows(
     for r, (label, images) in enumerate(rows.items()):
         for c in range(images.shape[0]):
             ax = fig.add_subplot(len(rows), n, r * n + c + 1)
-            ax.imshow(images[c].detach().reshape(*shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.imshow(images[c].detach().cpu().reshape(*shape).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -50,12 +50,12 @@ def plot_posteriors(
     fig = _figure(2.0 * 2 * images, 2.1 * len(families))
     for r, family in enumerate(families):
         grid = panels[family]
-        axis = grid["axis"].numpy()
+        axis = grid["axis"].cpu().numpy()
         size = axis.size
         for i in range(images):
             for j, (what, key) in enumerate((("q(z|x)", "log_q"), ("true p(z|x)", "log_true"))):
                 ax = fig.add_subplot(len(families), 2 * images, r * 2 * images + 2 * i + j + 1)
-                density = np.exp(grid[key][i].numpy()).reshape(size, size)
+                density = np.exp(grid[key][i].cpu().numpy()).reshape(size, size)
                 ax.pcolormesh(axis, axis, density, shading="auto", cmap="viridis")
                 ax.set_xticks([])
                 ax.set_yticks([])

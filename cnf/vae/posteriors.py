@@ -62,7 +62,10 @@ class ZukoIAF(nn.Module):
         self, dim: int, context_dim: int, transforms: int = 4, hidden: tuple[int, ...] = (64, 64)
     ) -> None:
         super().__init__()
-        import zuko  # optional dependency: ImportError says so
+        try:
+            import zuko
+        except ImportError as error:  # optional dependency
+            raise ImportError("posterior 'iaf' needs zuko: pip install --no-deps zuko") from error
 
         self.dim = dim
         self.context_dim = context_dim
