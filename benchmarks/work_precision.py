@@ -541,7 +541,7 @@ def figure(segments: Sequence[dict[str, Any]]) -> Any:
         ax.set_title(f"d = {seg['dim']}, batch {seg['n']}, {threads} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("work-precision: Pareto front of each library (lower left is better)")
+    fig.suptitle("Pareto front per library (lower left is better)", fontsize=10)
     fig.tight_layout()
     return fig
 
