@@ -677,18 +677,15 @@ def _train_loop(
         if stop.signal_name is not None:
             elapsed = time.perf_counter() - start
             flow.train()
-            resume_hint = (
-                f"resume with `cnf train --resume {checkpoint_path}` or "
-                f"cnf.train(..., resume={str(checkpoint_path)!r})"
-                if checkpoint_path is not None
-                else "pass out= to keep checkpoints"
-            )
             if checkpoint_path is not None and step > 0:
                 checkpoint()
-            raise TrainingInterrupted(
-                f"training interrupted by {stop.signal_name} after step {step}; "
-                + (f"checkpoint saved to {str(checkpoint_path)!r}; {resume_hint}" if step else kept())
-            )
+                where = (
+                    f"checkpoint saved to {str(checkpoint_path)!r}; resume with `cnf train --resume "
+                    f"{checkpoint_path}` or cnf.train(..., resume={str(checkpoint_path)!r})"
+                )
+            else:
+                where = kept()
+            raise TrainingInterrupted(f"training interrupted by {stop.signal_name} after step {step}; {where}")
     # The final validation, when the last step had none, gets a short budget of its own.
     if val_subset is not None and (not history or "val_nll" not in history[-1]):
         budget = settings.time_limit and not cluster.distributed  # ranks must all finish it (a collective)
