@@ -10,7 +10,7 @@ can return its gradient (:func:`cnf.solver.solve` lists it among the adjoint par
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -101,6 +101,24 @@ def expand_context(context: torch.Tensor | None, batch: int) -> torch.Tensor | N
     if context is None or context.shape[0] == batch:
         return context
     return context.expand(batch, -1)
+
+
+def conditional_base_draws(
+    draw: Callable[[int], torch.Tensor], n: int, context: torch.Tensor | None, context_dim: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+    """Base points for ``sample(n, context=c)``: ``(z, c, shape)``.
+
+    Without a context or with one c of shape (k,), n draws and shape (n,). With c of shape (B, k),
+    n * B draws, each context repeated n times (row i * B + b has context b) and shape (n, B), so
+    the caller solves once and reshapes to (n, B, ...), sample dimensions first."""
+    z = draw(n)
+    if context is None or (isinstance(context, torch.Tensor) and context.ndim == 1):
+        return z, context, (n,)
+    context = check_context(context, context_dim, None, z)
+    batch = context.shape[0]
+    if batch > 1:
+        z = torch.cat([z, draw(n * (batch - 1))])
+    return z, context.repeat(n, 1), (n, batch)
 
 
 class ContextStandardization(nn.Module):

@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from cnf.context import check_context, context_dim_of
+from cnf.context import check_context, conditional_base_draws, context_dim_of
 from cnf.data import check_batch
 from cnf.data.checks import check_event_shape
 from cnf.divergence import (
@@ -344,7 +344,9 @@ class CNF(nn.Module):
         for chunk, chunk_probe, chunk_context in zip(x.split(size), probes, contexts):
             if torch.is_grad_enabled():
                 parts.append(
-                    torch.utils.checkpoint.checkpoint(score, chunk, chunk_probe, chunk_context, use_reentrant=False)
+                    torch.utils.checkpoint.checkpoint(
+                        score, chunk, chunk_probe, chunk_context, use_reentrant=False
+                    )
                 )
             else:
                 parts.append(score(chunk, chunk_probe, chunk_context))
@@ -454,7 +456,9 @@ class CNF(nn.Module):
     ) -> torch.Tensor:
         """``n`` samples of p1, shape (n, dim); with c of shape (B, k), (n, B, dim): n samples of
         each p(x | c_b), all from one batched solve."""
-        z, context, shape = self._conditional_base_sample(n, generator, context)
+        z, context, shape = conditional_base_draws(
+            lambda m: self._base_sample(m, generator), n, context, self.context_dim
+        )
         return self.inverse(z, context=context).reshape(*shape, *self.event_shape)
 
     def sample_and_log_prob(
@@ -462,22 +466,11 @@ class CNF(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples and their log densities (differentiable: used by variational inference);
         shapes (n, dim) and (n,), or (n, B, dim) and (n, B) for a context of shape (B, k)."""
-        z, context, shape = self._conditional_base_sample(n, generator, context)
+        z, context, shape = conditional_base_draws(
+            lambda m: self._base_sample(m, generator), n, context, self.context_dim
+        )
         x, log_prob = self.inverse_and_log_prob(z, generator=generator, context=context)
         return x.reshape(*shape, *self.event_shape), log_prob.reshape(shape)
-
-    def _conditional_base_sample(
-        self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
-        """Base points for ``sample``: n, or n * B rows with each context repeated n times."""
-        z = self._base_sample(n, generator)
-        if context is None or (isinstance(context, torch.Tensor) and context.ndim == 1):
-            return z, context, (n,)
-        context = check_context(context, self.context_dim, None, z)
-        batch = context.shape[0]
-        if batch > 1:
-            z = torch.cat([z, self._base_sample(n * (batch - 1), generator)])
-        return z, context.repeat(n, 1), (n, batch)
 
     def _base_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

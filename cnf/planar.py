@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnf.context import ContextStandardization, check_context
+from cnf.context import ContextStandardization, check_context, conditional_base_draws
 from cnf.data import check_batch
 from cnf.flow import base_log_prob, base_sample, check_base
 from cnf.solver import SolveStats
@@ -267,7 +267,9 @@ class PlanarFlow(nn.Module):
         z, logdet = self._inverse_layers(x, self._count(t), context)
         return z, -logdet
 
-    def inverse(self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None) -> torch.Tensor:
+    def inverse(
+        self, z: torch.Tensor, t: float = 1.0, *, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Base -> data: apply the first floor(t K) layers (all by default)."""
         check_batch(z, self.dim, "z")
         return self._forward_layers(z, self._count(t), context)[0]
@@ -289,28 +291,20 @@ class PlanarFlow(nn.Module):
         self, n: int, generator: torch.Generator | None = None, *, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``n`` samples of p1, shape (n, dim); (n, B, dim) for a context of shape (B, k)."""
-        z, context, shape = self._conditional_base_sample(n, generator, context)
+        z, context, shape = conditional_base_draws(
+            lambda m: self._base_sample(m, generator), n, context, self.context_dim
+        )
         return self.inverse(z, context=context).reshape(*shape, self.dim)
 
     def sample_and_log_prob(
         self, n: int, generator: torch.Generator | None = None, *, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` samples and their log densities (differentiable: used by variational inference)."""
-        z, context, shape = self._conditional_base_sample(n, generator, context)
+        z, context, shape = conditional_base_draws(
+            lambda m: self._base_sample(m, generator), n, context, self.context_dim
+        )
         x, log_prob = self.inverse_and_log_prob(z, context=context)
         return x.reshape(*shape, self.dim), log_prob.reshape(shape)
-
-    def _conditional_base_sample(
-        self, n: int, generator: torch.Generator | None, context: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
-        z = self._base_sample(n, generator)
-        if context is None or (isinstance(context, torch.Tensor) and context.ndim == 1):
-            return z, context, (n,)
-        context = check_context(context, self.context_dim, None, z)
-        batch = context.shape[0]
-        if batch > 1:
-            z = torch.cat([z, self._base_sample(n * (batch - 1), generator)])
-        return z, context.repeat(n, 1), (n, batch)
 
     def _base_sample(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

@@ -30,6 +30,7 @@ import cnf
 from cnf import plots
 from cnf.anomaly import p_values, roc_auc
 from cnf.data import TOY_DATASETS, sample_toy
+from cnf.threads import torch_threads
 
 
 def plant_anomalies(
@@ -73,12 +74,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     # One torch thread: these small 2-D problems gain nothing from more, and on shared
     # cores torch's threads slow a training step down tenfold (measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import cnf
 from cnf import plots
 from cnf.data.conditional import conditional_log_prob, sample_conditional
 from cnf.guidance import GuidedField, with_null_contexts
+from cnf.threads import torch_threads
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -41,9 +42,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance weight w")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         summary = mixture(args, out)
@@ -51,8 +50,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             summary.update(digits(args, out))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    finally:
-        torch.set_num_threads(previous)
 
 
 def mixture(args: argparse.Namespace, out: Path) -> dict[str, Any]:

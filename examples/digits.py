@@ -35,6 +35,7 @@ import cnf
 from cnf.anomaly import p_values, roc_auc
 from cnf.data.real import load_real
 from cnf.recipes import default_objective, exact_evaluation, model_recipe, recipe
+from cnf.threads import torch_threads
 from cnf.transforms import TransformedFlow, bits_per_dim, choose_preprocessing
 
 SIDE = 8
@@ -112,12 +113,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/digits")
     parser.add_argument("--quick", action="store_true", help="a few seconds, tiny model (for the tests)")
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

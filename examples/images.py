@@ -31,6 +31,7 @@ from cnf.images import (
     nearest_neighbour_distances,
     set_solver,
 )
+from cnf.threads import torch_threads
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -44,12 +45,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a few iterations on a tiny model (seconds)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:

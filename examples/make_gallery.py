@@ -15,9 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-import torch
-
 from cnf import plots
+from cnf.threads import torch_threads
 
 GALLERY = ("probability_path.png", "trajectories.png", "planar_vs_cnf.png")
 
@@ -43,12 +42,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     args = parser.parse_args(argv)
     # One torch thread: these small 2-D problems gain nothing from more, and on shared
     # cores torch's threads slow a training step down tenfold (measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> list[Path]:

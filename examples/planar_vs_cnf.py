@@ -24,6 +24,7 @@ import torch
 import cnf
 from cnf import plots
 from cnf.data import TOY_DATASETS, sample_toy
+from cnf.threads import torch_threads
 
 
 def fit_flows(
@@ -98,12 +99,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     # One torch thread: these small 2-D problems gain nothing from more, and on shared
     # cores torch's threads slow a training step down tenfold (measured).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(args: argparse.Namespace) -> dict[str, float]:

@@ -26,6 +26,7 @@ import torch
 
 from cnf import Solver
 from cnf.data.binarized import load_binarized
+from cnf.threads import torch_threads
 from cnf.training import train
 from cnf.vae import VAE
 from cnf.vae.evaluate import evaluate_vae, grid_posterior, kl_to_true_posterior
@@ -52,12 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and grids (seconds)")
     args = parser.parse_args(argv)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
