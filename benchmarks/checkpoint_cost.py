@@ -1,6 +1,6 @@
 """What one checkpoint costs early and late in a long flow-matching run (seconds and bytes).
 
-    flock /work/bench.lock python -m benchmarks.checkpoint_cost      # 20,000 flow-matching steps, ~1-2 min
+    python -m benchmarks.checkpoint_cost      # 20,000 flow-matching steps, ~1-2 min
     python -m benchmarks.checkpoint_cost --quick                      # a smoke test
 
 ``cnf.train`` runs the ``flow_matching`` recipe (EMA included) on 8gaussians with a checkpoint

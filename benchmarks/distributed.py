@@ -1,6 +1,6 @@
 """Training throughput and test NLL: one process with 2 threads against 2 processes with 1 thread.
 
-    flock /work/bench.lock python -m benchmarks.distributed      # ~4 min on a 2-core machine
+    python -m benchmarks.distributed      # ~4 min on a 2-core machine
     python -m benchmarks.distributed --quick                       # seconds; a smoke test
 
 For maximum likelihood and OT flow matching (and flow matching with the independent coupling, to

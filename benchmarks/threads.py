@@ -1,6 +1,6 @@
 """Training speed for torch thread counts, on a quiet machine and beside a busy process.
 
-    flock /work/bench.lock python -m benchmarks.threads            # ~2-3 min
+    python -m benchmarks.threads            # ~2-3 min
     python -m benchmarks.threads --quick                            # a smoke test
 
 For each data dimension (2-D 8gaussians, and d = 64 correlated Gaussian data) and each thread

@@ -24,7 +24,7 @@ and as one block), autograd vector-Jacobian products (torchdyn's form) and flow_
 Each call measures the (dimension, threads) segments it is given and writes one partial file
 per segment (``work_precision_d{d}_t{threads}.json``); every call then rebuilds the summary
 ``work_precision.{json,md,png}`` from all partials present in ``--out``, so the segments can be
-run one at a time under the shared lock (``flock /work/bench.lock python -m ...``).
+run one at a time, never beside another benchmark.
 """
 
 from __future__ import annotations
