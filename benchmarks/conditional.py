@@ -38,6 +38,7 @@ import torch
 
 from benchmarks.common import RESULTS, interleaved_seconds, markdown_table, write_results
 from cnf import CNF, MLPField, Solver
+from cnf.adapters import zuko_available
 from cnf.data.conditional import (
     CONDITIONAL_DATASETS,
     conditional_log_prob,
@@ -201,14 +202,6 @@ def sampling_rows(task: str, models: dict[str, Any], x: torch.Tensor, args: argp
                 row["ratio"] = statistics.median(ratios)
         rows.append(row)
     return rows
-
-
-def zuko_available() -> bool:
-    try:
-        import zuko  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

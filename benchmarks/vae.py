@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, write_results
+from cnf.adapters import zuko_available
 from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
 from cnf.solver import Solver
 from cnf.training import train
@@ -74,14 +75,6 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(row)
         print({k: row.get(k) for k in COLUMNS}, flush=True)
     return rows
-
-
-def zuko_available() -> bool:
-    try:
-        import zuko  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

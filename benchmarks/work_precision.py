@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks import peers
 from benchmarks.common import RESULTS, interleaved_seconds, machine, markdown_table
 from benchmarks.peers import TEST_SEED, Counted, TimeAttribute, peer_status
 from cnf import CNF, MLPField, Solver
@@ -161,22 +162,8 @@ def score_torchdyn(field: nn.Module, x: torch.Tensor, method: str, setting: floa
 
 
 def score_zuko(field: nn.Module, x: torch.Tensor, method: str, setting: float) -> Run:
-    from zuko.transforms import FreeFormJacobianTransform
-
-    counted = Counted(field)
-    # zuko integrates data (s=0) -> base (s=1): f(s, y) = -u(y, 1 - s) in cnf's time.
-    transform = FreeFormJacobianTransform(
-        f=lambda s, y: -counted(1 - s, y), t0=0.0, t1=1.0, phi=(), atol=setting, rtol=setting, exact=True
-    )
-    base = StandardNormal(x.shape[1])
-
-    def run() -> tuple[torch.Tensor, int]:
-        counted.nfe = 0
-        with torch.no_grad():
-            z, ladj = transform.call_and_ladj(x)
-        return base.log_prob(z) + ladj, counted.nfe
-
-    return run
+    """zuko's FreeFormJacobianTransform at rtol = atol = ``setting`` (its one method), as in peers."""
+    return peers.score_zuko(field, x, setting)
 
 
 SCORERS = {
