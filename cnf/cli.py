@@ -366,6 +366,22 @@ def sharded_nll(
     return metrics
 
 
+def check_out_folder(out: Path, resume: Path | None, overwrite: bool) -> None:
+    """Create ``--out`` and refuse to replace a run in it unless ``--overwrite`` (or ``--resume``
+    of that very run); a resumed run written to a new folder clears the old files there."""
+    prepare_folder(out, "--out")
+    existing = _existing_run_files(out)
+    same_folder = resume is not None and resume.parent.resolve() == out.resolve()
+    if existing and not same_folder and not overwrite:
+        raise ValueError(
+            f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
+            f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
+        )
+    if existing and not same_folder and resume is not None:
+        for name in existing:
+            (out / name).unlink()
+
+
 def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     if cli_images.is_image_source(args.data):  # integer images (n, C, H, W): the image recipe
         if cluster.distributed:
@@ -399,17 +415,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         out = Path(args.out) if args.out is not None else Path("runs/default")
     train_set, val_set, test_set = splits
     if cluster.is_main:  # rank 0 owns the run folder
-        prepare_folder(out, "--out")
-        existing = _existing_run_files(out)
-        same_folder = resume is not None and resume.parent.resolve() == out.resolve()
-        if existing and not same_folder and not args.overwrite:
-            raise ValueError(
-                f"--out {str(out)!r} already holds a run ({', '.join(existing)}); pass --resume "
-                f"{out / CHECKPOINT_NAME} to continue it, --overwrite to replace it, or choose another --out"
-            )
-        if existing and not same_folder and resume is not None:
-            for name in existing:
-                (out / name).unlink()
+        check_out_folder(out, resume, args.overwrite)
     if cluster.distributed:  # C cores / N local processes, unless --threads says otherwise
         threads = distributed.threads_per_process() if args.threads in (None, "auto") else args.threads
         how = (

@@ -107,8 +107,14 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         "ema_decay": getattr(args, "ema_decay", None),
     }
     settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
+    from cnf.cli import CHECKPOINT_NAME, check_out_folder  # cnf.cli imports this module
+
     out = Path(args.out or "runs/default")
-    result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=args.resume)
+    resume = Path(args.resume) if args.resume is not None else None
+    if resume is not None and resume.is_dir():
+        resume = resume / CHECKPOINT_NAME
+    check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
+    result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True)
     set_solver(flow, IMAGE_RECIPE.eval_solver)
     score = evaluate_bits_per_dim(flow, splits.test)
     summary = {

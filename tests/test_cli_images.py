@@ -53,3 +53,21 @@ def test_image_errors_are_reported(image_file: Path, tmp_path: Path, capsys: pyt
     assert "non-negative integer pixel values; got values in [-1, -1]" in capsys.readouterr().err
     assert main(["train", "--data", str(image_file), "--model", "planar", "--out", str(tmp_path / "p")]) == 2
     assert "--model 'planar' does not apply to images" in capsys.readouterr().err
+
+
+def test_image_runs_are_protected_like_vector_runs(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    args = ["train", "--data", str(image_file), "--iters", "2", "--hidden", "4", "--out", str(out)]
+    assert main(args) == 0
+    first = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2  # an existing run is never replaced silently
+    assert f"--out {str(out)!r} already holds a run" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").read_bytes() == first
+    resumed = ["train", "--data", str(image_file), "--iters", "4", "--hidden", "4", "--resume", str(out)]
+    assert main([*resumed, "--out", str(out)]) == 0  # --resume continues the run in place
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
