@@ -9,7 +9,10 @@ same toy data for the same number of samples seen (steps x global batch) by
 
 * ``1x2``: one process, 2 torch threads, batch B;
 * ``2x1``: two processes (torchrun through :func:`cnf.distributed.launch`, gloo), 1 thread each,
-  batch B / 2 each; gradients averaged by DDP, OT pairing on the gathered global batch.
+  batch B / 2 each (the same global batch B); gradients averaged by DDP, OT pairing on the
+  gathered global batch;
+* ``2x1 per-rank``: the same two processes with batch B each (global batch 2B) for half the
+  steps, which is what ``cnf train --nproc 2`` does with no flags (``batch_size`` is per rank).
 
 Throughput is samples per second over the training loop (from the run's log, first step excluded:
 no start-up, no validation). Test NLL is scored afterwards in this process on the same test points
@@ -70,11 +73,14 @@ def worker(args: argparse.Namespace) -> None:
     for objective in args.objectives:
         spec = OBJECTIVES[objective]
         steps = args.ml_steps if objective == "likelihood" else args.fm_steps
+        batch = spec["batch"] // cluster.world_size  # the same global batch as one process
+        if args.per_rank:  # cnf train --nproc N's default: the one-process batch on every rank
+            batch, steps = spec["batch"], steps // cluster.world_size
         result = train(
             build_flow(args.hidden),
             data,
             iters=steps,
-            batch_size=spec["batch"] // cluster.world_size,
+            batch_size=batch,
             lr=spec["lr"],
             objective=objective,
             seed=args.seed,
@@ -91,8 +97,8 @@ def worker(args: argparse.Namespace) -> None:
                 "processes": cluster.world_size,
                 "threads": torch.get_num_threads(),
                 "steps": result.step,
-                "samples": result.step * spec["batch"],
-                "samples_per_s": (result.step - 1) * spec["batch"] / span,
+                "samples": result.step * batch * cluster.world_size,
+                "samples_per_s": (result.step - 1) * batch * cluster.world_size / span,
                 "train_seconds": result.seconds,
             }
             (Path(args.out) / objective / "summary.json").write_text(json.dumps(summary))
@@ -100,16 +106,18 @@ def worker(args: argparse.Namespace) -> None:
         distributed.shutdown()
 
 
-def worker_argv(args: argparse.Namespace, out: Path, threads: int, seed: int) -> list[str]:
-    return [
+def worker_argv(args: argparse.Namespace, out: Path, threads: int, seed: int, per_rank: bool) -> list[str]:
+    return ["--per-rank"] * per_rank + [
         "--worker", "--out", str(out), "--threads", str(threads), "--seed", str(seed),
         "--objectives", *args.objectives, "--ml-steps", str(args.ml_steps), "--fm-steps", str(args.fm_steps),
         "--n-train", str(args.n_train), "--hidden", *map(str, args.hidden), "--device", args.device,
     ]  # fmt: skip
 
 
-def run_config(args: argparse.Namespace, processes: int, threads: int, out: Path, seed: int) -> None:
-    argv = worker_argv(args, out, threads, seed)
+def run_config(
+    args: argparse.Namespace, processes: int, threads: int, out: Path, seed: int, per_rank: bool = False
+) -> None:
+    argv = worker_argv(args, out, threads, seed, per_rank)
     env_path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     os.environ["PYTHONPATH"] = env_path  # the launched ranks import benchmarks/ and cnf/ from here
     if processes == 1:
@@ -162,29 +170,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--per-rank", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
     if args.quick:
-        args.rounds, args.ml_steps, args.fm_steps, args.n_train, args.n_test = 1, 3, 5, 2_000, 500
+        args.rounds, args.ml_steps, args.fm_steps, args.n_train, args.n_test = 1, 4, 6, 2_000, 500
         args.hidden = [16, 16]
     if args.objectives is None:
         args.objectives = ["likelihood", "ot_flow_matching"] if args.quick else list(OBJECTIVES)
     cores = distributed.available_cores()
-    configs = [(1, cores), (args.nproc, max(1, cores // args.nproc))]
+    # (processes, threads, per-rank batch): one process, then N sharing its global batch, then N
+    # with its batch each (cnf train --nproc N's default) for the same number of samples
+    threads = max(1, cores // args.nproc)
+    configs = [(1, cores, False), (args.nproc, threads, False), (args.nproc, threads, True)]
     test = load_data(DATA, n=args.n_test, seed=TEST_SEED)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             reference: dict[str, torch.Tensor] = {}
-            for processes, threads in configs:
-                out = Path(tmp) / f"r{round_}_{processes}x{threads}"
-                run_config(args, processes, threads, out, seed=args.seed + round_)
+            for processes, threads, per_rank in configs:
+                name = f"{processes}x{threads}" + (" per-rank" if per_rank else "")
+                out = Path(tmp) / f"r{round_}_{name.replace(' ', '_')}"
+                run_config(args, processes, threads, out, seed=args.seed + round_, per_rank=per_rank)
                 for objective in args.objectives:
                     summary = json.loads((out / objective / "summary.json").read_text())
                     nll = score(out / objective / "checkpoint.pt", test)
-                    row = {"round": round_, "config": f"{processes}x{threads}", **summary}
+                    row = {"round": round_, "config": name, **summary}
                     row["test_nll"] = nll.mean().item()
                     row["test_nll_se"] = nll.std().item() / math.sqrt(nll.numel())
                     if processes == 1:
@@ -195,18 +208,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         row["nll_minus_1proc"] = diff.mean().item()
                         row["diff_se"] = diff.std().item() / math.sqrt(diff.numel())
                         row["within_2se"] = abs(row["nll_minus_1proc"]) <= 2 * row["diff_se"]
-                        base = next(r for r in rows if r["round"] == round_ and r["objective"] == objective)
+                        # unpaired: each test NLL with its own standard error over test points
+                        base_se = reference[objective].std().item() / math.sqrt(nll.numel())
+                        row["within_2se_unpaired"] = abs(row["nll_minus_1proc"]) <= 2 * math.hypot(
+                            row["test_nll_se"], base_se
+                        )
+                        base = next(
+                            r
+                            for r in rows
+                            if r["round"] == round_ and r["objective"] == objective and r["processes"] == 1
+                        )
                         row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
                     rows.append(row)
     sizes = (64, 128) if args.quick else (128, 256, 512, 1024)
     costs = assignment_costs(sizes, args.nproc, repeats=3 if args.quick else 7)
     columns = [
         "round", "objective", "config", "steps", "samples", "samples_per_s", "speedup",
-        "test_nll", "test_nll_se", "nll_minus_1proc", "diff_se", "within_2se",
+        "test_nll", "test_nll_se", "nll_minus_1proc", "diff_se", "within_2se", "within_2se_unpaired",
     ]  # fmt: skip
     speedups = {
-        objective: [r["speedup"] for r in rows if r["objective"] == objective and "speedup" in r]
+        f"{objective} {r['config']}": [
+            s["speedup"] for s in rows if s["objective"] == objective and s["config"] == r["config"]
+        ]
         for objective in args.objectives
+        for r in rows
+        if r["objective"] == objective and "speedup" in r
     }
     meta = {
         "data": DATA,

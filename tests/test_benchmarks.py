@@ -80,8 +80,12 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         solves = _read(tmp_path, "divergence_solves")["rows"]
         assert [r["nfe"] > 0 and r["speedup"] > 0 for r in solves] == [True, True]
     if name == "distributed":  # both objectives, 1 and 2 processes, the 2-process rows compared
-        pairs = {(r["objective"], r["processes"]) for r in payload["rows"]}
-        assert pairs == {(o, p) for o in ("likelihood", "ot_flow_matching") for p in (1, 2)}
+        pairs = {(r["objective"], r["config"]) for r in payload["rows"]}
+        configs = ("1x2", "2x1", "2x1 per-rank")
+        assert pairs == {(o, c) for o in ("likelihood", "ot_flow_matching") for c in configs}
+        per_rank = [r for r in payload["rows"] if r["config"] == "2x1 per-rank"]
+        one = {r["objective"]: r for r in payload["rows"] if r["processes"] == 1}
+        assert all(r["samples"] == one[r["objective"]]["samples"] for r in per_rank)  # same samples seen
         assert all(r["speedup"] > 0 and r["diff_se"] > 0 for r in payload["rows"] if r["processes"] == 2)
         assert payload["assignment"][0]["global_ms"] > 0
     if name == "real_data":
