@@ -38,7 +38,7 @@ CHUNKS = (4, 6, DIVERGENCE_CHUNK_ROWS)
 @pytest.mark.parametrize("chunk_rows", CHUNKS)
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
 @pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
-@pytest.mark.parametrize(("dim", "hidden"), [(1, (8, 8)), (3, (8, 8)), (3, (5,)), (2, ()), (3, (4, 7, 5))])
+@pytest.mark.parametrize(("dim", "hidden"), [(1, (8, 8)), (3, (8, 8)), (3, (5,)), (2, ()), (3, (4, 7, 5)), (3, (6, 8, 7, 5))])
 def test_forward_mode_divergence_equals_autograd(
     activation: str, embedding: str, dim: int, hidden: tuple[int, ...], chunk_rows: int
 ) -> None:
@@ -209,3 +209,19 @@ def test_chunked_forward_mode_with_context_equals_autograd(
         u, div = field.velocity_and_divergence(t, x, context=c, compiled=compiled)
     torch.testing.assert_close(u, f.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(div, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("hidden", [(4, 7, 5), (6, 8, 7, 5)])
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_without_the_folds_gives_the_same_divergence(
+    hidden: tuple[int, ...], grad: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above MAX_FOLD_NUMEL the first and last hidden layers are carried as columns too."""
+    field = random_field(3, "tanh", "concatsquash", hidden)
+    x = torch.randn(9, 3, dtype=torch.float64)
+    t = torch.tensor(0.61, dtype=torch.float64)
+    _, div_expected = autograd_velocity_and_divergence(field, t, x)
+    monkeypatch.setattr(cnf.fields.mlp, "MAX_FOLD_NUMEL", 0)
+    with torch.set_grad_enabled(grad):
+        _, div = field.velocity_and_divergence(t, x)
+    torch.testing.assert_close(div.detach(), div_expected.detach(), rtol=0, atol=1e-12)

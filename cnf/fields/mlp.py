@@ -6,8 +6,9 @@ Any ``nn.Module`` whose ``forward(t, x)`` returns a tensor shaped like ``x`` can
 
 When one time is shared by the batch (always, inside an ODE solve) each layer is an affine
 map of x whose weight and bias depend on t only; :meth:`MLPField.velocity_and_divergence`
-uses that to carry the d Jacobian columns through the layers (forward mode) and returns the
-exact divergence from the same pass, without autograd.
+uses that to compute the exact divergence in the same pass, without autograd: in closed form
+for one or two hidden layers, else by carrying the d Jacobian columns through the layers
+(forward mode).
 
 Conditional fields u(x, t, c) (``context_dim=k``): the context enters every layer. With
 ``context_mode="concat"`` it is an extra per-sample bias W_c e(c) of each layer's
@@ -120,27 +121,63 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; the tests trace with "e
 Terms = Sequence[tuple[torch.Tensor | None, torch.Tensor | None]]
 
 
+#: The folds of :func:`forward_mode_chunk` hold d * width * width numbers; above this many
+#: (e.g. d = 64 with 256-wide layers: 16 MiB per evaluation) the first and last hidden layers
+#: are carried like the others instead, so that a call does not allocate large blocks.
+MAX_FOLD_NUMEL = 1 << 20
+
+
+def trace_constants(affines: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """The x-independent matrices of :func:`forward_mode_chunk`'s trace, computed once per
+    evaluation: ``(diag(W_1 W_2),)`` for one hidden layer, ``(W_2 * (W_1 W_3)^T,)`` for two,
+    and for more the folds ``(W_1 (x) W_2, W_L (x) W_{L-1})`` flattened for one matrix product
+    each, or ``()`` when they would exceed :data:`MAX_FOLD_NUMEL` numbers."""
+    weights = [weight for weight, _ in affines]
+    if len(weights) == 2:
+        return ((weights[0] * weights[1].t()).sum(1),)
+    if len(weights) == 3:
+        return (weights[1] * (weights[0] @ weights[2]).t(),)
+    if len(weights) < 2:
+        return ()
+    dim = weights[0].shape[1]
+    first, second, before, last = weights[0], weights[1], weights[-2], weights[-1]
+    if dim * max(first.shape[0] * second.shape[0], before.shape[0] * before.shape[1]) > MAX_FOLD_NUMEL:
+        return ()
+    # head[k, j * width + m] = W_1[k, j] W_2[m, k];  tail[j * width' + m, k] = W_L[j, k] W_{L-1}[k, m]
+    head = (first.t().unsqueeze(2) * second.t().unsqueeze(0)).transpose(0, 1).reshape(first.shape[0], -1)
+    tail = (last.unsqueeze(2) * before.unsqueeze(0)).permute(0, 2, 1).reshape(-1, before.shape[0])
+    return head, tail
+
+
 def forward_mode_chunk(
     h: torch.Tensor,
     affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
     activations: Sequence[nn.Module],
     terms: Terms,
     buffers: Sequence[torch.Tensor] | None = None,
+    constants: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, div u)`` of the MLP ``x -> W_L s(... s(W_1 x + b_1) ...) + b_L`` on one chunk ``h``.
 
     ``affines`` holds each layer's (weight, bias) at the current time, ``terms`` each layer's
     context (scale, shift) of its pre-activation (see MLPField.context_terms), each (1 or rows,
-    width) or None; a scale multiplies the columns like sigma'. The Jacobian columns are
-    a (rows, d, width) block: the first layer writes diag(s') W_1 as an outer product, each later
-    one a single matrix product and the slope product, and the trace is
-    ``columns.view(rows, d * width) @ W_L.view(d * width)``. With ``buffers`` (two flat blocks
-    of at least rows * d * width, no autograd) the products are written into them in place;
-    without, every product is out of place (autograd, torch.compile).
+    width) or None; a scale multiplies the slopes D_l = diag(s'(z_l)) like sigma'.
+
+    The divergence is tr(W_L D_{L-1} W_{L-1} ... D_1 W_1), computed per sample as follows.
+    One hidden layer: ``D_1 . diag(W_1 W_2)``, a product with one vector. Two: by the cyclic
+    trace, ``sum_km D_2[k] P[k, m] D_1[m]`` with the constant ``P = W_2 * (W_1 W_3)^T``, which
+    costs one width x width product per sample whatever d is. More: forward mode, the Jacobian
+    columns J e_j carried as a (rows, d, width) block; the columns after the second hidden layer
+    come from D_1 in one product with the constant W_1 (x) W_2, and the last hidden layer is
+    folded into the trace with W_L (x) W_{L-1}, so that the first and last blocks are never
+    written (unless these constants exceed :data:`MAX_FOLD_NUMEL` numbers). ``constants`` are
+    :func:`trace_constants` (computed here when not given). With ``buffers`` (two flat blocks of
+    at least rows * d * width, no autograd) the middle products are written into them in
+    place; without, every product is out of place (autograd, torch.compile).
     """
     rows, dim = h.shape
-    columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
-    for i, ((weight, bias), activation, (scale, shift)) in enumerate(zip(affines[:-1], activations, terms)):
+    slopes = []
+    for (weight, bias), activation, (scale, shift) in zip(affines[:-1], activations, terms):
         pre = _modulate(torch.addmm(bias, h, weight.t()), scale, shift)
         h = activation(pre)
         slope = activation_derivative(activation, pre, h)
@@ -148,29 +185,40 @@ def forward_mode_chunk(
             raise ValueError(
                 f"no analytic derivative for activation {activation!r}; use cnf.exact_divergence"
             )
-        if scale is not None:
-            slope = slope * scale
+        slopes.append(slope if scale is None else slope * scale)
+    last, bias = affines[-1]
+    velocity = _modulate(torch.addmm(bias, h, last.t()), *terms[-1])
+    if not slopes:  # no hidden layer: u is affine in x
+        return velocity, torch.diagonal(last).sum().expand(rows)
+    if constants is None:
+        constants = trace_constants(affines)
+    if len(slopes) == 1:  # div = sum_k D_1[k] sum_j W_2[j, k] W_1[k, j]
+        return velocity, slopes[0] @ constants[0]
+    if len(slopes) == 2:  # div = sum_km D_2[k] W_2[k, m] D_1[m] (W_1 W_3)[m, k]
+        return velocity, ((slopes[0] @ constants[0].t()) * slopes[1]).sum(1)
+    fold = len(constants) == 2
+    columns = None  # columns[n, j] = d h[n] / d x_j, shape (rows, d, width)
+    for i, slope in enumerate(slopes[:-1] if fold else slopes):
+        weight = affines[i][0]
         width = weight.shape[0]
-        if buffers is None:
-            if columns is None:
-                columns = slope.unsqueeze(1) * weight.t().unsqueeze(0)
-            else:
-                product = columns.reshape(rows * dim, -1) @ weight.t()
-                columns = product.reshape(rows, dim, width) * slope.unsqueeze(1)
+        if fold and i == 0:
+            continue  # enters through the fold with W_2
+        target = None if buffers is None else buffers[i % 2][: rows * dim * width].view(rows, dim, width)
+        if fold and i == 1:  # columns[n, j, m] = sum_k D_1[n, k] W_1[k, j] W_2[m, k]
+            out = None if target is None else target.view(rows, dim * width)
+            product = torch.mm(slopes[0], constants[0], out=out)
+        elif columns is None:  # diag(D_1) W_1 as an outer product
+            columns = torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
             continue
-        target = buffers[i % 2][: rows * dim * width].view(rows, dim, width)
-        if columns is None:
-            torch.mul(slope.unsqueeze(1), weight.t().unsqueeze(0), out=target)
         else:
-            torch.mm(columns.view(rows * dim, -1), weight.t(), out=target.view(rows * dim, width))
-            target.mul_(slope.unsqueeze(1))
-        columns = target
-    weight, bias = affines[-1]
-    velocity = _modulate(torch.addmm(bias, h, weight.t()), *terms[-1])
-    if columns is None:  # no hidden layer: u is affine in x
-        return velocity, torch.diagonal(weight).sum().expand(rows)
-    # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product.
-    return velocity, columns.reshape(rows, -1) @ weight.reshape(-1)
+            out = None if target is None else target.view(rows * dim, width)
+            product = torch.mm(columns.reshape(rows * dim, -1), weight.t(), out=out)
+        product = product.view(rows, dim, width)
+        columns = product * slope.unsqueeze(1) if target is None else product.mul_(slope.unsqueeze(1))
+    if not fold:  # div u = sum_j sum_k W_L[j, k] columns[n, j, k]: one matrix-vector product
+        return velocity, columns.reshape(rows, -1) @ last.reshape(-1)
+    # div u = sum_k D_{L-1}[n, k] sum_jm columns[n, j, m] W_L[j, k] W_{L-1}[k, m]
+    return velocity, ((columns.reshape(rows, -1) @ constants[1]) * slopes[-1]).sum(1)
 
 
 def forward_mode_divergence(
@@ -200,6 +248,7 @@ def forward_mode_divergence(
     if kernel is None and not torch.is_grad_enabled() and widths:
         size = chunk * dim * max(widths)  # two ping-pong blocks, enough for every hidden width
         buffers = [x.new_empty(size), x.new_empty(size)]
+    constants = trace_constants(affines)  # once per evaluation, shared by the chunks
     velocities, divergences = [], []
     for start in range(0, batch, chunk):
         h = x[start : start + chunk]
@@ -207,9 +256,9 @@ def forward_mode_divergence(
         pad = chunk - rows if kernel is not None else 0
         part = [tuple(_rows(term, start, rows, batch, pad) for term in pair) for pair in terms]
         if kernel is None:
-            velocity, divergence = forward_mode_chunk(h, affines, activations, part, buffers)
+            velocity, divergence = forward_mode_chunk(h, affines, activations, part, buffers, constants)
         else:
-            velocity, divergence = kernel(_rows(h, 0, rows, rows, pad), affines, activations, part)
+            velocity, divergence = kernel(_rows(h, 0, rows, rows, pad), affines, activations, part, None, constants)
             velocity, divergence = velocity[:rows], divergence[:rows]
         velocities.append(velocity)
         divergences.append(divergence)
@@ -387,11 +436,12 @@ class MLPField(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(u(x, t), div u(x, t))`` from one pass, the divergence exact.
 
-        Forward-mode Jacobian: with layer l's affine map (W_l, b_l) at time t and D_l = diag
-        sigma'(z_l), the columns J e_j = W_L D_{L-1} W_{L-1} ... D_1 W_1 e_j are carried as a
-        (batch, d, width) tensor and the trace is one matrix-vector product with the last
-        weight. Same matrix products as d autograd VJPs, but no graph, and when training the
-        gradient is a plain backward instead of a double backward. ``t`` must be one time
+        With layer l's affine map (W_l, b_l) at time t and D_l = diag sigma'(z_l), the
+        divergence is tr(W_L D_{L-1} W_{L-1} ... D_1 W_1): for one or two hidden layers a
+        closed form costing one product per sample whatever d is, for more the Jacobian
+        columns carried in forward mode (:func:`forward_mode_chunk`). At most the matrix
+        products of d autograd VJPs, no graph, and when training the gradient is a plain
+        backward instead of a double backward. ``t`` must be one time
         shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
         A context adds a per-sample shift (c does not change d/dx) and, with FiLM, a
         per-sample scale that multiplies the columns like sigma'.
