@@ -225,3 +225,17 @@ def test_forward_mode_without_the_folds_gives_the_same_divergence(
     with torch.set_grad_enabled(grad):
         _, div = field.velocity_and_divergence(t, x)
     torch.testing.assert_close(div.detach(), div_expected.detach(), rtol=0, atol=1e-12)
+
+
+def test_sigmoid_tanh_is_tanh_with_tanh_derivatives() -> None:
+    """The default activation computes tanh as 2 sigmoid(2x) - 1 (faster on CPUs)."""
+    from cnf.fields.mlp import Tanh
+
+    x32 = torch.linspace(-20, 20, 40_001)
+    assert (Tanh()(x32).double() - torch.tanh(x32.double())).abs().max() < 2e-7
+    x64 = x32.double()
+    assert (Tanh()(x64) - torch.tanh(x64)).abs().max() < 1e-15
+    x = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Tanh(), (x,))
+    assert torch.autograd.gradgradcheck(Tanh(), (x,))  # Hutchinson / RNODE training differentiate twice
+    assert isinstance(cnf.MLPField(2).activations[0], nn.Tanh)

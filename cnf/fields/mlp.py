@@ -21,13 +21,48 @@ so the forward-mode divergence keeps its structure (FiLM scales the Jacobian col
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from cnf.context import ContextStandardization
 
-ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
+
+class _SigmoidTanh(torch.autograd.Function):
+    """tanh(x) = 2 sigmoid(2x) - 1 with torch.tanh's own backward kernel, grad (1 - y^2) from
+    the saved output, which autograd differentiates again (double backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        y = sigmoid_tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        return torch.ops.aten.tanh_backward(grad, y)  # grad (1 - y^2), fused and differentiable
+
+
+def sigmoid_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh through the logistic function, 2 sigmoid(2x) - 1, without autograd (one allocation)."""
+    return torch.mul(x, 2).sigmoid_().mul_(2).sub_(1)
+
+
+class Tanh(nn.Tanh):
+    """``nn.Tanh`` computed as 2 sigmoid(2x) - 1: on CPUs torch's tanh is ~3x slower than its
+    sigmoid (1.43 against 0.42 ms for 5,000 x 64 float32 on one thread, AVX-512), and tanh is
+    the default activation of every field. Absolute error below 1.8e-7 in float32 (4e-16 in
+    float64), the same backward as ``torch.tanh`` (also twice differentiable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SigmoidTanh.apply(x)
+        return sigmoid_tanh(x)
+
+
+ACTIVATIONS = {"tanh": Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
 TIME_EMBEDDINGS = ("concatsquash", "concat")
 CONTEXT_MODES = ("concat", "film")
 
@@ -75,7 +110,7 @@ def activation_derivative(activation: nn.Module, pre: torch.Tensor, out: torch.T
     """sigma'(pre) given pre and out = sigma(pre), for the built-in activations (their default
     settings); None for anything else, which then takes the autograd divergence."""
     kind = type(activation)
-    if kind is nn.Tanh:
+    if kind is nn.Tanh or kind is Tanh:
         return torch.addcmul(torch.ones((), dtype=out.dtype, device=out.device), out, out, value=-1)
     if kind is nn.Softplus and activation.beta == 1:
         return torch.sigmoid(pre)
