@@ -47,7 +47,7 @@ def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
     layers = args.iaf_transforms if posterior == "iaf" else args.planar_layers
     solver = Solver(rtol=args.tol, atol=args.tol)
     return VAE(dim, args.latent_dim, posterior, hidden=args.hidden, flow_hidden=args.flow_hidden,
-               layers=layers, solver=solver)  # fmt: skip
+               layers=layers, solver=solver, flow_context=args.flow_context)  # fmt: skip
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -92,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--planar-layers", type=int, default=16)
     parser.add_argument("--iaf-transforms", type=int, default=4)
+    parser.add_argument("--flow-context", default="concat", choices=("concat", "film"), help="how h(x) enters the CNF posterior")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the CNF posterior's solves")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=100)

@@ -164,11 +164,11 @@ def flow_map(posterior: Posterior, context: torch.Tensor):
     return apply
 
 
-@pytest.mark.parametrize("family", ["planar", "cnf"])
-def test_amortised_flow_log_det_matches_autograd_and_its_inverse(family: str) -> None:
+@pytest.mark.parametrize(("family", "mode"), [("planar", "concat"), ("cnf", "concat"), ("cnf", "film")])
+def test_amortised_flow_log_det_matches_autograd_and_its_inverse(family: str, mode: str) -> None:
     torch.manual_seed(0)
     solver = Solver(rtol=1e-10, atol=1e-10)
-    posterior = Posterior(3, 4, family, layers=5, hidden=(8,), solver=solver).double()
+    posterior = Posterior(3, 4, family, layers=5, hidden=(8,), solver=solver, context_mode=mode).double()
     with torch.no_grad():  # make the context matter
         for p in posterior.parameters():
             p.mul_(3.0)
@@ -292,3 +292,11 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
     assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
     assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
+
+
+def test_film_cnf_posterior_round_trips_through_its_config() -> None:
+    vae = VAE(16, 2, "cnf", hidden=(8,), flow_hidden=(8, 8), flow_context="film")
+    assert vae.posterior.flow.field.context_mode == "film"
+    rebuilt = VAE.from_config(vae.config())
+    assert rebuilt.config() == vae.config() and rebuilt.posterior.flow.field.context_mode == "film"
+    assert VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_context"}).posterior.context_mode == "concat"

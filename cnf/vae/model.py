@@ -93,6 +93,7 @@ class VAE(nn.Module):
         flow_hidden: hidden widths of the posterior flow (CNF field, planar context net, MADEs).
         layers: planar layers K (default 16) or IAF transforms.
         solver: the CNF posterior's solver.
+        flow_context: how h(x) conditions the CNF posterior's field, ``concat`` or ``film``.
         score_samples: k of the importance-weighted bound that ``log_prob`` returns (1: ELBO).
         encoder, decoder: modules replacing the MLPs: encoder(x) -> (mean, log_std, h) with a
             ``context_dim`` attribute; decoder.log_prob(x, z) and decoder.mean(z).
@@ -111,6 +112,7 @@ class VAE(nn.Module):
         flow_hidden: Sequence[int] = (64, 64),
         layers: int = 16,
         solver: Solver | None = None,
+        flow_context: str = "concat",
         score_samples: int = 1,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
@@ -142,6 +144,7 @@ class VAE(nn.Module):
                 layers=layers,
                 hidden=tuple(flow_hidden),
                 solver=solver,
+                context_mode=flow_context,
             )
         else:
             raise ValueError(
@@ -248,6 +251,7 @@ class VAE(nn.Module):
             "flow_hidden": posterior["hidden"],
             "layers": posterior["layers"],
             "solver": posterior["solver"],
+            "flow_context": posterior["context_mode"],
             "score_samples": self.score_samples,
         }
 
@@ -262,5 +266,6 @@ class VAE(nn.Module):
             flow_hidden=tuple(config["flow_hidden"]),
             layers=config["layers"],
             solver=solver,
+            flow_context=config.get("flow_context", "concat"),
             score_samples=config.get("score_samples", 1),
         )

@@ -92,6 +92,8 @@ class Posterior(nn.Module):
         layers: planar layers K (``planar``) or autoregressive transforms (``iaf``).
         hidden: hidden widths of the CNF field, the planar context network or the IAF's MADEs.
         solver: the CNF's solver (default dopri5, rtol = atol = 1e-5).
+        context_mode: how h(x) enters the CNF's field: ``concat`` (a per-sample bias of every
+            layer) or ``film`` (a per-sample scale and shift of every hidden layer).
         flow: any flow with the contract in the module docstring, instead of a family's.
     """
 
@@ -104,6 +106,7 @@ class Posterior(nn.Module):
         layers: int = 16,
         hidden: tuple[int, ...] = (64, 64),
         solver: Solver | None = None,
+        context_mode: str = "concat",
         flow: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -114,6 +117,7 @@ class Posterior(nn.Module):
         self.family = family if flow is None else "custom"
         self.layers = layers
         self.hidden = tuple(hidden)
+        self.context_mode = context_mode
         if flow is None:
             flow = self._build(family, solver)
         self.flow = flow
@@ -125,7 +129,7 @@ class Posterior(nn.Module):
         if family == "planar":
             return ConditionalPlanarFlow(d, self.layers, c, hidden=self.hidden)
         if family == "cnf":
-            field = MLPField(d, hidden=self.hidden, activation="softplus", context_dim=c)
+            field = MLPField(d, hidden=self.hidden, activation="softplus", context_dim=c, context_mode=self.context_mode)
             return CNF(field, solver=solver or Solver())
         return ZukoIAF(d, c, transforms=self.layers, hidden=self.hidden)
 
@@ -172,4 +176,10 @@ class Posterior(nn.Module):
         if self.family == "custom":
             return None
         solver = self.flow.solver.to_dict() if isinstance(self.flow, CNF) else None
-        return {"family": self.family, "layers": self.layers, "hidden": list(self.hidden), "solver": solver}
+        return {
+            "family": self.family,
+            "layers": self.layers,
+            "hidden": list(self.hidden),
+            "solver": solver,
+            "context_mode": self.context_mode,
+        }
