@@ -131,3 +131,16 @@ def test_benchmarks_run_without_peer_libraries(tmp_path: Path, monkeypatch: pyte
         assert all(status != "ok" for status in segment["peers"].values())
         assert {r["library"] for r in segment["sweep"]} == {"cnf"}
     assert all(h["speedup"] is None for h in payload["headline"])
+
+
+def test_work_precision_abandons_a_solve_past_its_time_cap() -> None:
+    """A solve that runs past the cap raises (the sweep reports it and moves on) instead of
+    holding the benchmark for tens of minutes."""
+    from benchmarks.work_precision import SolveTimeout, time_cap
+
+    with pytest.raises(SolveTimeout, match="stopped after 0.05 s"), time_cap(0.05):
+        while True:
+            pass
+    with time_cap(5.0):  # a block that ends in time is untouched, and the timer is cleared
+        total = sum(range(1000))
+    assert total == 499500
