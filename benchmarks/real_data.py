@@ -103,6 +103,10 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-otfm-no-ema": {**CNF_RECIPES["cnf-otfm"], "ema_decay": None},
 }
 BASELINES = ("gaussian", "gmm", "kde")
+#: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
+#: 8 validations in 600 s zuko's MAF, which overfits digits within ~10 s, was first validated after
+#: 75 s and scored 5.03 bits/dim, against 2.33 with a validation every 7.5 s (60 s budget).
+EVAL_SECONDS = 7.5
 ZUKO_MODELS = ("zuko-maf", "zuko-nsf", "zuko-cnf")
 # cnf-default is the OT flow-matching recipe on real data, so cnf-otfm is a variant here.
 DEFAULT_MODELS = (*BASELINES, *ZUKO_MODELS, "cnf-default", "cnf-ml", "cnf-rnode")
@@ -479,7 +483,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--budget", type=float, default=60.0, help="training seconds per torch model and seed"
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--evals", type=int, default=8, help="validations (early stopping) per run")
+    parser.add_argument(
+        "--evals",
+        type=int,
+        default=None,
+        help=f"validations (early stopping) per run; default one per {EVAL_SECONDS:g} s of budget, at least 8",
+    )
     parser.add_argument("--n-sample", type=int, default=10_000, help="samples drawn for the timing")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument(
@@ -494,6 +503,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     unknown = [m for m in args.models if m not in known]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {known}")
+    if args.evals is None:  # MAF overfits digits within seconds: validate often at any budget
+        args.evals = max(8, round(args.budget / EVAL_SECONDS))
     if args.quick:
         args.budget, args.seeds, args.evals, args.n_sample = 0.2, 1, 1, 100
         args.datasets = ["digits"] if args.datasets == list(REAL_DATASETS) else args.datasets
