@@ -107,12 +107,10 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         "ema_decay": getattr(args, "ema_decay", None),
     }
     settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
-    from cnf.cli import CHECKPOINT_NAME, check_out_folder  # cnf.cli imports this module
+    from cnf.cli import _resume_path, check_out_folder  # cnf.cli imports this module
 
     out = Path(args.out or "runs/default")
-    resume = Path(args.resume) if args.resume is not None else None
-    if resume is not None and resume.is_dir():
-        resume = resume / CHECKPOINT_NAME
+    resume = _resume_path(args.resume) if args.resume is not None else None
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
     result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True)
     set_solver(flow, IMAGE_RECIPE.eval_solver)
