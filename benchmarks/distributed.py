@@ -226,14 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "round", "objective", "config", "steps", "samples", "samples_per_s", "speedup",
         "test_nll", "test_nll_se", "nll_minus_1proc", "diff_se", "within_2se", "within_2se_unpaired",
     ]  # fmt: skip
-    speedups = {
-        f"{objective} {r['config']}": [
-            s["speedup"] for s in rows if s["objective"] == objective and s["config"] == r["config"]
-        ]
-        for objective in args.objectives
-        for r in rows
-        if r["objective"] == objective and "speedup" in r
-    }
+    speedups: dict[str, list[float]] = {}  # "objective config" -> one speed-up per round
+    for row in rows:
+        if "speedup" in row:
+            speedups.setdefault(f"{row['objective']} {row['config']}", []).append(row["speedup"])
     meta = {
         "data": DATA,
         "objectives": {k: OBJECTIVES[k] for k in args.objectives},
