@@ -300,3 +300,5 @@ def test_film_cnf_posterior_round_trips_through_its_config() -> None:
     rebuilt = VAE.from_config(vae.config())
     assert rebuilt.config() == vae.config() and rebuilt.posterior.flow.field.context_mode == "film"
     assert VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_context"}).posterior.context_mode == "concat"
+    with pytest.raises(ValueError, match="unknown flow_context 'bias'"):
+        VAE(16, 2, "cnf", flow_context="bias")

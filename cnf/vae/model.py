@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnf.data import check_batch
+from cnf.fields.mlp import CONTEXT_MODES
 from cnf.solver import Solver, SolveStats
 from cnf.vae.posteriors import POSTERIORS, Posterior, standard_normal_log_prob
 
@@ -122,6 +123,8 @@ class VAE(nn.Module):
         self.latent_dim = _check_positive_int("latent_dim", latent_dim)
         self.hidden = tuple(hidden)
         self.score_samples = _check_positive_int("score_samples", score_samples)
+        if flow_context not in CONTEXT_MODES:
+            raise ValueError(f"unknown flow_context {flow_context!r}; choose one of {CONTEXT_MODES}")
         self.custom = encoder is not None or decoder is not None
         self.encoder = encoder if encoder is not None else MLPEncoder(data_dim, latent_dim, self.hidden)
         self.decoder = (
