@@ -139,6 +139,27 @@ def test_whiten_gives_identity_covariance_on_training_data() -> None:
         whiten(torch.zeros(2, 4, dtype=F64))
 
 
+def test_whiten_columns_on_very_different_scales_float32() -> None:
+    # Correlated columns with standard deviations 1e-3 ... 1e3 (as in breast cancer): the
+    # covariance's eigenvalues span 1e13, so a floor relative to the largest would flatten every
+    # small-scale direction; the correlation matrix is whitened instead (ZCA-cor).
+    mixing = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.3, 0.0], [0.5, 0.5, 0.7]], dtype=F64)
+    data64 = (torch.randn(2000, 3, dtype=F64, generator=gen(1)) @ mixing.T) * torch.tensor(
+        [1e-3, 1.0, 1e3], dtype=F64
+    )
+    data = data64.float()
+    whiten = Whiten.fit(data)
+    y, logdet = whiten(data)
+    torch.testing.assert_close(
+        torch.cov(y.double().T, correction=0), torch.eye(3, dtype=F64), atol=1e-4, rtol=0
+    )
+    # Still a valid change of variables: log|det| of the applied matrix, = -1/2 log det Cov.
+    torch.testing.assert_close(
+        logdet[0].double(), -0.5 * torch.logdet(torch.cov(data64.T, correction=0)), atol=1e-3, rtol=0
+    )
+    torch.testing.assert_close(whiten.inverse(y), data, atol=1e-6, rtol=1e-4)
+
+
 def test_constant_column_gets_scale_one_and_a_warning() -> None:
     data = torch.randn(30, 3, dtype=F64, generator=gen(0))
     data[:, 1] = 7.0

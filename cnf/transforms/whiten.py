@@ -4,7 +4,10 @@ After whitening, the training data have mean 0 and identity covariance, so a flo
 is N(0, I) starts out as the full-covariance Gaussian fit of the data and only has to learn
 what is not Gaussian. log|det dy/dx| = log|det W| = -1/2 sum log(eigenvalues of Cov).
 ZCA (W symmetric) rather than a Cholesky factor keeps each output coordinate tied to its input
-coordinate (Bell & Sejnowski 1997; Kessy, Lewin & Strimmer 2018, "Optimal whitening").
+coordinate (Bell & Sejnowski 1997; Kessy, Lewin & Strimmer 2018, "Optimal whitening"). When the
+covariance's eigenvalues span more than 1 / EIGENVALUE_FLOOR (columns on very different scales),
+ZCA-cor is used instead: the correlation matrix P is whitened, W = P^(-1/2) diag(1 / std), so
+that the floor on near-constant directions is relative to unit-variance columns.
 """
 
 from __future__ import annotations
@@ -55,9 +58,18 @@ class Whiten(Transform):
         centred = flat - mean
         cov = centred.T @ centred / flat.shape[0]
         eigenvalues, vectors = torch.linalg.eigh(cov)
+        scale = None
+        if eigenvalues.min() < EIGENVALUE_FLOOR * eigenvalues.max():
+            # Columns on very different scales (breast cancer: variances 1e-7 ... 1e5) make the
+            # floor bite on directions that are well determined: whiten the correlation matrix.
+            scale = cov.diagonal().sqrt()
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            eigenvalues, vectors = torch.linalg.eigh(cov / torch.outer(scale, scale))
         floor = EIGENVALUE_FLOOR * eigenvalues.max().clamp_min(1e-300)
         eigenvalues = eigenvalues.clamp_min(floor)
         matrix = vectors @ torch.diag(eigenvalues.rsqrt()) @ vectors.T
+        if scale is not None:
+            matrix = matrix / scale  # ZCA-cor: P^(-1/2) diag(1 / std) (Kessy et al. 2018)
         return cls(mean.reshape(data.shape[1:]).to(data.dtype), matrix.to(data.dtype))
 
     def _check_shape(self, x: torch.Tensor, name: str) -> None:
