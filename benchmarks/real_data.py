@@ -37,6 +37,7 @@ against training seconds per dataset, seed 0, baselines as horizontal lines).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import time
@@ -52,6 +53,7 @@ from benchmarks.common import RESULTS, write_results
 from cnf import CNF, MLPField, Solver
 from cnf.adapters import MISSING_ZUKO, ZukoFlow, zuko_available
 from cnf.data.real import REAL_DATASETS, load_real
+from cnf.ema import ExponentialMovingAverage
 from cnf.recipes import EVALUATION_SOLVER, default_objective, model_recipe, recipe
 from cnf.training import TrainSettings
 from cnf.transforms import TransformedFlow, bits_per_dim, choose_preprocessing
@@ -312,18 +314,25 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     )
     loss_fn = settings.loss_function()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    averaged = None
-    if ema_decay:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay))
-    scored = averaged.module if averaged is not None else model
+    ema = ExponentialMovingAverage(model, ema_decay) if ema_decay else None  # cnf train's EMA
     train, budget, evals = ctx["train"], ctx["budget"], ctx["evals"]
     checkpoints = [budget * (i + 1) / evals for i in range(evals)]
     plot_test = ctx["test"][:PLOT_POINTS]
     best_val, best_state, best_step, curve = math.inf, None, 0, []
     steps, seconds, diverged = 0, 0.0, False
     next_val_step = MIN_VAL_STEPS
+
+    def validate(best_val: float, best_step: int, best_state: Any) -> tuple[float, int, Any]:
+        with ema.applied(model) if ema is not None else contextlib.nullcontext():
+            val = mean_nll(model, ctx["val"], seed + 1, VAL_TOL)
+            test = mean_nll(model, plot_test, TEST_NOISE_SEED, VAL_TOL)
+        curve.append({"seconds": round(seconds, 2), "step": steps, "val_nll": val, "test_nll": test})
+        if val < best_val:
+            weights = ema.shadow if ema is not None else model.state_dict()
+            return val, steps, copy.deepcopy(weights)
+        return best_val, best_step, best_state
+
+    best_val, best_step, best_state = validate(best_val, best_step, best_state)  # the start (step 0)
     model.train()
     while checkpoints:
         start = time.perf_counter()
@@ -337,8 +346,8 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
             for group in optimizer.param_groups:
                 group["lr"] = settings.learning_rate(steps, seconds)
             optimizer.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
+            if ema is not None:
+                ema.update(model)
             steps += 1
         seconds += time.perf_counter() - start
         timed = seconds >= checkpoints[0]
@@ -346,15 +355,14 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
             if timed:
                 checkpoints.pop(0)
             next_val_step = steps + max(MIN_VAL_STEPS, steps // 4)
-            val = mean_nll(scored, ctx["val"], seed + 1, VAL_TOL)
-            test = mean_nll(scored, plot_test, TEST_NOISE_SEED, VAL_TOL)
-            curve.append({"seconds": round(seconds, 2), "step": steps, "val_nll": val, "test_nll": test})
-            if val < best_val:
-                best_val, best_step, best_state = val, steps, copy.deepcopy(scored.state_dict())
+            best_val, best_step, best_state = validate(best_val, best_step, best_state)
             if diverged:
                 break
     if best_state is not None:
-        scored.load_state_dict(best_state)
+        model.load_state_dict(best_state)
+    elif ema is not None:
+        model.load_state_dict(ema.shadow)
+    scored = model
     with Scoring(scored, EVAL_TOL), torch.no_grad():
         start = time.perf_counter()
         log_p = scored.log_prob(ctx["test"], generator=torch.Generator().manual_seed(TEST_NOISE_SEED))
