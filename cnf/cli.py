@@ -30,7 +30,7 @@ from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoi
 from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
-from cnf.fields import MLPField
+from cnf.fields import CONTEXT_MODES, MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
@@ -494,7 +494,9 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     return 0
 
 
-VAE_DEFAULTS: dict[str, Any] = {"posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64]}
+VAE_DEFAULTS: dict[str, Any] = {
+    "posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64], "flow_context": "concat",
+}  # fmt: skip
 
 
 def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
@@ -517,6 +519,10 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in VAE_DEFAULTS.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
+        if args.flow_context is not None and run["posterior"] != "cnf":
+            raise ValueError(
+                f"--flow-context {args.flow_context} conditions a CNF posterior, got --posterior {run['posterior']}"
+            )
     if run.get("data") not in BINARIZED_DATASETS:
         raise ValueError(
             f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {run.get('data')!r}"
@@ -528,7 +534,8 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
                         adjoint=bool(args.adjoint))  # fmt: skip
         layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
         vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
-                  flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver)  # fmt: skip
+                  flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
+                  flow_context=run["flow_context"])  # fmt: skip
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
@@ -820,6 +827,10 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
     vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
     vae.add_argument("--flow-hidden", type=int, nargs="+", default=None, help="posterior flow widths (64 64)")
+    vae.add_argument(
+        "--flow-context", choices=CONTEXT_MODES, default=None,
+        help="how h(x) conditions the CNF posterior's field: concat (a bias, default) or film (scale and shift)",
+    )  # fmt: skip
     vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
     vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
     vae.add_argument("--iwae-samples", type=int, default=1000, help="k of the test importance-weighted bound")

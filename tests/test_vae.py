@@ -294,6 +294,22 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
 
 
+def test_cli_flow_context_reaches_the_cnf_posterior(tmp_path, capsys) -> None:
+    from cnf.cli import main
+
+    out = tmp_path / "film"
+    args = ["train", "--model", "vae", "--posterior", "cnf", "--flow-context", "film", "--data", "digits", "--iters",
+            "2", "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2", "--rtol", "1e-3",
+            "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    vae, _ = load_checkpoint(out / "checkpoint.pt")
+    assert vae.posterior.flow.field.context_mode == "film"
+    bad = ["train", "--model", "vae", "--posterior", "planar", "--flow-context", "film", "--data", "digits",
+           "--out", str(tmp_path / "bad")]  # fmt: skip
+    assert main(bad) == 2
+    assert "--flow-context film conditions a CNF posterior, got --posterior planar" in capsys.readouterr().err
+
+
 def test_film_cnf_posterior_round_trips_through_its_config() -> None:
     vae = VAE(16, 2, "cnf", hidden=(8,), flow_hidden=(8, 8), flow_context="film")
     assert vae.posterior.flow.field.context_mode == "film"
