@@ -21,9 +21,10 @@ Models:
 * ``cnf-*``: cnf's recipes (:data:`CNF_RECIPES`; maximum likelihood, RNODE, OT flow matching).
 
 Every torch model trains for the same wall-clock ``--budget`` (validation and scoring not
-counted), with Adam and a cosine learning-rate decay over the budget, validation at
-``--evals`` evenly spaced times and after every ``max(100, step // 4)`` steps, and early stopping: the weights with the best validation NLL
-are the ones tested (flow matching validates its EMA weights). CNFs are scored with the exact
+counted), with Adam and a cosine learning-rate decay over the budget, validation before the
+first step, at ``--evals`` evenly spaced times and after every ``max(100, step // 4)`` steps, and
+early stopping: the weights with the best validation NLL are the ones tested (flow matching
+validates its EMA weights, :class:`cnf.ema.ExponentialMovingAverage` as in ``cnf train``). CNFs are scored with the exact
 divergence at rtol = atol = 1e-5 whatever they trained with. Per model: the test NLL averaged
 over ``--seeds`` seeds with +-2 standard errors over seeds (and the per-point standard error),
 bits/dim for digits, parameters, training seconds, best step, seconds and NFE to score the
