@@ -24,9 +24,9 @@ Every torch model trains for the same wall-clock ``--budget`` (validation and sc
 counted), with Adam and a cosine learning-rate decay over the budget, validation before the
 first step, at ``--evals`` evenly spaced times and after every ``max(100, step // 4)`` steps, and
 early stopping: the weights with the best validation NLL are the ones tested (flow matching
-validates its EMA weights, :class:`cnf.ema.ExponentialMovingAverage` as in ``cnf train``). CNFs are scored with the exact
-divergence at rtol = atol = 1e-5 whatever they trained with. Per model: the test NLL averaged
-over ``--seeds`` seeds with +-2 standard errors over seeds (and the per-point standard error),
+validates its EMA weights, :class:`cnf.ema.ExponentialMovingAverage` as in ``cnf train``). CNFs
+are scored with the exact divergence at rtol = atol = 1e-5 whatever they trained with. Per
+model: the test NLL averaged over ``--seeds`` seeds with +-2 standard errors over seeds (and the per-point standard error),
 bits/dim for digits, parameters, training seconds, best step, seconds and NFE to score the
 test set, seconds to sample ``--n-sample`` (10,000 by default; timed once, on seed 0: zuko's NSF
 inverts its autoregressive transforms one dimension at a time, ~3 minutes for 10,000 digits).
@@ -363,16 +363,15 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
         model.load_state_dict(best_state)
     elif ema is not None:
         model.load_state_dict(ema.shadow)
-    scored = model
-    with Scoring(scored, EVAL_TOL), torch.no_grad():
+    with Scoring(model, EVAL_TOL), torch.no_grad():
         start = time.perf_counter()
-        log_p = scored.log_prob(ctx["test"], generator=torch.Generator().manual_seed(TEST_NOISE_SEED))
+        log_p = model.log_prob(ctx["test"], generator=torch.Generator().manual_seed(TEST_NOISE_SEED))
         score_seconds = time.perf_counter() - start
-        score_nfe = scored.stats.nfe_forward or None
+        score_nfe = model.stats.nfe_forward or None
         sample_seconds = None
         if seed == 0:  # sampling is timed once per model (seed 0)
             start = time.perf_counter()
-            scored.sample(ctx["n_sample"])
+            model.sample(ctx["n_sample"])
             sample_seconds = time.perf_counter() - start
     return {
         "log_p": log_p.double(),
