@@ -18,8 +18,9 @@ and the median decides the time to reach that level and cnf's ratio to the faste
 
 Also per evaluation (one call of field + divergence at batch n, medians of interleaved rounds):
 the matrix products alone (the floor under any exact form: the field's, plus d rows per
-sample through the hidden-to-hidden products), the field alone, cnf's forward mode (chunked,
-and as one block), autograd vector-Jacobian products (torchdyn's form) and flow_matching's loop.
+sample through the hidden-to-hidden products), the field alone, cnf's forward mode (chunked by bytes,
+as one block, in chunks of 4,096 / d samples, and before the logistic form and the byte-sized
+chunks), autograd vector-Jacobian products (torchdyn's form) and flow_matching's loop.
 
 Each call measures the (dimension, threads) segments it is given and writes one partial file
 per segment (``work_precision_d{d}_t{threads}.json``); every call then rebuilds the summary
@@ -52,7 +53,7 @@ from cnf import CNF, MLPField, Solver
 from cnf.checkpoint import load_checkpoint
 from cnf.data import sample_toy
 from cnf.divergence import exact_divergence_batched, exact_divergence_loop
-from cnf.fields.mlp import activation_derivative
+from cnf.fields.mlp import activation_derivative, forward_mode_divergence
 from cnf.flow import StandardNormal
 from cnf.training import train
 
@@ -263,11 +264,18 @@ def evaluation_forms(field: MLPField, x: torch.Tensor) -> dict[str, Callable[[],
         with torch.no_grad():
             return previous_forward_mode(field, t, x)
 
+    def tanh_rows_chunks() -> Any:  # the forward mode before logistic_form and the byte-sized chunks
+        with torch.no_grad():
+            affines = [layer.affine(tt) for layer in field.layers]
+            return forward_mode_divergence(affines, list(field.activations), x, None, 4096)
+
     return {
         "matrix products (floor)": matrix_products,
         "field alone": field_alone,
         "cnf forward mode": forward_mode(MLPField(1).divergence_chunk_rows),
         "cnf forward mode, one block": forward_mode(10**12),
+        "cnf forward mode, 4,096 / d samples a chunk": forward_mode(4096),
+        "cnf forward mode before (tanh, 4,096 / d samples a chunk)": tanh_rows_chunks,
         "cnf forward mode before (86f0c8b)": previous,
         "autograd VJPs (torchdyn)": autograd(
             exact_divergence_batched if dim >= 16 else exact_divergence_loop, False
@@ -439,6 +447,15 @@ def segment(
                     start = time.perf_counter()
                     runs[key]()
                     compile_seconds = time.perf_counter() - start
+    if isinstance(field, MLPField):  # cnf's form before the logistic form and byte-sized chunks
+        before = copy.deepcopy(field)
+        before.divergence_chunk_rows, before.logistic_tanh = 4096, False
+        for entry in [e for e in levels if e["library"] == "cnf" and "key" in e]:
+            key = f"cnf before: {entry['setting']}"
+            levels.insert(levels.index(entry) + 1, {**entry, "library": "cnf before", "key": key})
+            if key not in runs:
+                pick = picks[entry["key"]]
+                runs[key] = score_cnf(before, x, pick["method"], pick["value"])
     for run in runs.values():  # warm-up
         run()
     timed = interleaved_seconds(runs, repeats=rounds, warmup=0) if runs else {}

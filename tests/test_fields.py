@@ -11,7 +11,7 @@ from torch import nn
 import cnf
 from cnf.divergence import exact_divergence_loop
 from cnf.fields import ACTIVATIONS, TIME_EMBEDDINGS, AutogradField
-from cnf.fields.mlp import DIVERGENCE_CHUNK_ROWS
+from cnf.fields.mlp import LOGISTIC, divergence_chunk_samples, forward_mode_divergence, logistic_form
 from cnf.flow import AugmentedDynamics
 
 
@@ -31,8 +31,8 @@ def autograd_velocity_and_divergence(field: nn.Module, t: torch.Tensor, x: torch
 
 
 # chunk_rows=4 with dim 3 cuts the 11 points into chunks of one; 6 into chunks of 2 (and a
-# last, shorter one); the default takes the batch whole.
-CHUNKS = (4, 6, DIVERGENCE_CHUNK_ROWS)
+# last, shorter one); the default (None, sized by bytes) takes the batch whole.
+CHUNKS = (4, 6, None)
 
 
 @pytest.mark.parametrize("chunk_rows", CHUNKS)
@@ -83,6 +83,47 @@ def test_forward_mode_divergence_in_float32_is_as_accurate_as_autograd(
     assert error <= max(4 * error_autograd, 2e-6 * scale), (error, error_autograd, scale)
 
 
+@pytest.mark.parametrize("hidden", [(6,), (6, 5), (6, 5, 7), (6, 5, 7, 4)])
+def test_logistic_form_is_the_same_tanh_network(hidden: tuple[int, ...]) -> None:
+    # An unconditional tanh field scores through logistic_form (sigmoid activations, rewritten
+    # affine maps): the same velocity and divergence as the tanh network with its own weights.
+    field = random_field(3, "tanh", "concatsquash", hidden)
+    x = torch.randn(13, 3, dtype=torch.float64)
+    tt = torch.tensor([[0.3]], dtype=torch.float64)
+    affines = [layer.affine(tt) for layer in field.layers]
+    with torch.no_grad():
+        f_tanh, div_tanh = forward_mode_divergence(affines, list(field.activations), x)
+        f_logistic, div_logistic = forward_mode_divergence(logistic_form(affines), [LOGISTIC] * len(hidden), x)
+    torch.testing.assert_close(f_logistic, f_tanh, rtol=0, atol=1e-12)
+    torch.testing.assert_close(div_logistic, div_tanh, rtol=0, atol=1e-12)
+    assert not torch.allclose(logistic_form(affines)[0][0], affines[0][0])  # really rewritten
+    with torch.no_grad():  # the field uses it by default; the knob turns it off, same numbers
+        f_default, div_default = field.velocity_and_divergence(tt, x)
+        field.logistic_tanh = False
+        f_off, div_off = field.velocity_and_divergence(tt, x)
+    torch.testing.assert_close(f_default, f_off, rtol=0, atol=1e-12)
+    torch.testing.assert_close(div_default, div_off, rtol=0, atol=1e-12)
+
+
+def test_default_chunks_cut_a_large_batch_and_keep_the_trace() -> None:
+    # The default chunk is sized by bytes: 3 MiB / ((3 + 3 * 3) * 64 * 8) = 512 float64 samples,
+    # so 1,200 points take three chunks (the last one shorter), in scoring and in training.
+    field = random_field(3, "tanh", "concatsquash", (64, 64, 64))
+    assert field.divergence_chunk_rows is None
+    assert divergence_chunk_samples(3, (64, 64, 64), 8) == 512
+    assert divergence_chunk_samples(3, (64, 64, 64), 4) == 1024  # float32: twice as many
+    x = torch.randn(1200, 3, dtype=torch.float64)
+    t = torch.tensor(0.55, dtype=torch.float64)
+    f_expected, div_expected = autograd_velocity_and_divergence(field, t, x)
+    with torch.no_grad():
+        f, div = field.velocity_and_divergence(t, x)
+    torch.testing.assert_close(f, f_expected.detach(), rtol=0, atol=1e-11)
+    torch.testing.assert_close(div, div_expected, rtol=0, atol=1e-11)
+    with torch.enable_grad():
+        _, div_graph = field.velocity_and_divergence(t, x)
+    torch.testing.assert_close(div_graph.detach(), div_expected, rtol=0, atol=1e-11)
+
+
 @pytest.mark.parametrize("embedding", TIME_EMBEDDINGS)
 def test_fused_layers_equal_the_per_sample_time_formula(embedding: str) -> None:
     # One shared time takes the fused x W(t)^T + b(t); one time per sample the layer's formula.
@@ -93,7 +134,7 @@ def test_fused_layers_equal_the_per_sample_time_formula(embedding: str) -> None:
     torch.testing.assert_close(shared, per_sample, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("chunk_rows", (6, DIVERGENCE_CHUNK_ROWS))
+@pytest.mark.parametrize("chunk_rows", (6, None))
 def test_forward_mode_parameter_gradients_equal_double_backward(chunk_rows: int) -> None:
     field = random_field(3, "tanh", "concatsquash")
     field.divergence_chunk_rows = chunk_rows

@@ -62,6 +62,42 @@ class Tanh(nn.Tanh):
         return sigmoid_tanh(x)
 
 
+class _Logistic(nn.Module):
+    """sigmoid, in place on a fresh pre-activation when no gradient is recorded (the hidden
+    activation of :func:`logistic_form`'s rewritten tanh network)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return torch.sigmoid(x)
+        return x.sigmoid_()
+
+
+def logistic_form(
+    affines: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The affine maps of the same function as the tanh MLP ``affines``, written on
+    s_l = sigmoid(2 z_l) instead of h_l = tanh(z_l) = 2 s_l - 1.
+
+    A hidden layer computes 2 z_l, so that one sigmoid gives s_l; the next layer reads
+    W h + b = 2 W s + (b - W 1). The network then costs one elementwise pass per hidden layer
+    (sigmoid) and one for the slope s (1 - s), against four for tanh as 2 sigmoid(2z) - 1 and
+    one for 1 - h^2; it is the same function of x, so its Jacobian and divergence are the
+    tanh network's exactly (up to rounding), with sigma' = s (1 - s) and the weights above.
+    """
+    last = len(affines) - 1
+    rewritten = []
+    for i, (weight, bias) in enumerate(affines):
+        if i > 0:  # the input is h = 2 s - 1
+            weight, bias = 2 * weight, bias - weight.sum(1)
+        if i < last:  # a hidden layer computes 2 z for sigmoid(2 z)
+            weight, bias = 2 * weight, 2 * bias
+        rewritten.append((weight, bias))
+    return rewritten
+
+
+LOGISTIC = _Logistic()
+
+
 ACTIVATIONS = {"tanh": Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
 TIME_EMBEDDINGS = ("concatsquash", "concat")
 CONTEXT_MODES = ("concat", "film")
@@ -110,6 +146,8 @@ def activation_derivative(activation: nn.Module, pre: torch.Tensor, out: torch.T
     """sigma'(pre) given pre and out = sigma(pre), for the built-in activations (their default
     settings); None for anything else, which then takes the autograd divergence."""
     kind = type(activation)
+    if kind is _Logistic or kind is nn.Sigmoid:
+        return torch.addcmul(out, out, out, value=-1)
     if kind is nn.Tanh or kind is Tanh:
         return torch.addcmul(torch.ones((), dtype=out.dtype, device=out.device), out, out, value=-1)
     if kind is nn.Softplus and activation.beta == 1:
@@ -139,11 +177,21 @@ def time_column(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(x.shape[0], 1)
 
 
-# Rows of the (chunk * d, width) Jacobian-column matrix processed at a time. One 64-wide
-# float32 block of 4096 rows is 1 MiB: it stays in a core's L2 cache between the matrix product
-# and the slope product, and the allocator reuses it instead of mapping fresh pages on every
-# call (benchmarks/work_precision.py measures the effect; see README "Speed at equal error").
-DIVERGENCE_CHUNK_ROWS = 4096
+# Bytes of one chunk's working set in velocity_and_divergence: the (chunk, d, width) Jacobian
+# columns plus the per-sample hidden tensors of every layer (pre-activation, output, slope), so
+# a chunk stays in cache between the matrix products and the elementwise passes, and the
+# allocator reuses its blocks instead of mapping fresh pages on every call. Measured per
+# evaluation on one thread (README "Speed at equal error"): with a 4,096-row rule (4,096 / d
+# samples) d = 2 / 16 / 64 with 64-wide layers took 4.71 / 13.73 / 10.98 ms against 4.21 /
+# 13.05 / 9.31 ms at the best chunk, which this budget lands near; 256-wide fields keep ~4,096 rows.
+DIVERGENCE_CHUNK_BYTES = 3 << 20
+
+
+def divergence_chunk_samples(dim: int, widths: Sequence[int], itemsize: int) -> int:
+    """Samples per chunk of :func:`forward_mode_divergence` by default: a working set of about
+    :data:`DIVERGENCE_CHUNK_BYTES` (``(d + 3 * layers) * width * itemsize`` bytes per sample)."""
+    per_sample = (dim + 3 * len(widths)) * max(widths, default=1) * itemsize
+    return max(1, DIVERGENCE_CHUNK_BYTES // per_sample)
 
 
 # One compiled forward_mode_chunk per field architecture (not per instance: copies of a field,
@@ -261,12 +309,13 @@ def forward_mode_divergence(
     activations: Sequence[nn.Module],
     x: torch.Tensor,
     terms: Terms | None = None,
-    chunk_rows: int = DIVERGENCE_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     kernel: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(u, div u)`` of an MLP (see :func:`forward_mode_chunk`) over the batch ``x``, exact.
 
-    The batch is cut into chunks of ``chunk_rows // d`` samples. Without autograd (scoring) the
+    The batch is cut into chunks of ``chunk_rows // d`` samples (None: of
+    :func:`divergence_chunk_samples`). Without autograd (scoring) the
     column blocks are two buffers reused across layers and chunks, so a call allocates little
     more than its outputs; with autograd (training) every product is out of place so that
     backward works. ``kernel`` (a compiled :func:`forward_mode_chunk`) takes every chunk at
@@ -275,10 +324,13 @@ def forward_mode_divergence(
     batch, dim = x.shape
     if terms is None:
         terms = [(None, None)] * len(affines)
-    chunk = max(1, chunk_rows // dim)
+    widths = [weight.shape[0] for weight, _ in affines[:-1]]
+    if chunk_rows is None:
+        chunk = divergence_chunk_samples(dim, widths, x.element_size())
+    else:
+        chunk = max(1, chunk_rows // dim)
     if kernel is None:
         chunk = min(batch, chunk)
-    widths = [weight.shape[0] for weight, _ in affines[:-1]]
     buffers: list[torch.Tensor] | None = None
     if kernel is None and not torch.is_grad_enabled() and widths:
         size = chunk * dim * max(widths)  # two ping-pong blocks, enough for every hidden width
@@ -359,8 +411,11 @@ class MLPField(nn.Module):
         self.activation_name = activation if isinstance(activation, str) else type(activation).__name__
         self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.activations = nn.ModuleList(make_activation() for _ in hidden)
-        # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only).
-        self.divergence_chunk_rows = DIVERGENCE_CHUNK_ROWS
+        # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only;
+        # None: sized by divergence_chunk_samples).
+        self.divergence_chunk_rows: int | None = None
+        # Score a tanh field as the same network on sigmoids (logistic_form; a speed knob only).
+        self.logistic_tanh = True
         self._init_context(context_dim, context_mode, embedding, widths[1:])
 
     def _init_context(
@@ -480,6 +535,9 @@ class MLPField(nn.Module):
         shared by the batch. See :func:`forward_mode_divergence` for how the work is laid out.
         A context adds a per-sample shift (c does not change d/dx) and, with FiLM, a
         per-sample scale that multiplies the columns like sigma'.
+        An unconditional tanh field is scored as the same network on sigmoids
+        (:func:`logistic_form`, two elementwise passes per hidden layer instead of five; off
+        with ``field.logistic_tanh = False``).
 
         ``compiled=True`` runs each chunk through ``torch.compile`` when no gradient is
         recorded (scoring; training stays eager): the first call compiles (seconds to tens of
@@ -500,9 +558,12 @@ class MLPField(nn.Module):
                     forward_mode_chunk, dynamic=False, backend=COMPILE_BACKEND
                 )
         affines = [layer.affine(tt) for layer in self.layers]
-        return forward_mode_divergence(
-            affines, list(self.activations), x, terms, self.divergence_chunk_rows, kernel
-        )
+        activations = list(self.activations)
+        if self.logistic_tanh and activations and all(type(a) in (Tanh, nn.Tanh) for a in activations) and not any(
+            scale is not None or shift is not None for scale, shift in terms
+        ):  # the same network on sigmoids: fewer elementwise passes (see logistic_form)
+            affines, activations = logistic_form(affines), [LOGISTIC] * len(activations)
+        return forward_mode_divergence(affines, activations, x, terms, self.divergence_chunk_rows, kernel)
 
     def config(self) -> dict | None:
         """Keyword arguments that rebuild this field (for checkpoints); None with a user
