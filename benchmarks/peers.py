@@ -5,7 +5,7 @@
 
 Peers are optional (the `bench` extra: `pip install --no-deps zuko torchdyn flow_matching
 normflows`, torchdyn also needs torchcde, torchsde, trampoline, pytorch-lightning,
-lightning-utilities and torchmetrics, each with --no-deps so that pip keeps the installed
+lightning-utilities, torchmetrics, attrs and pyyaml, each with --no-deps so that pip keeps the installed
 torch). A peer that does not import is skipped and the reason is written into the results.
 
 1. Scoring machinery. ONE velocity field (cnf's MLPField, trained briefly on 8gaussians or
