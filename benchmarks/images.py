@@ -12,7 +12,9 @@ is the bits/dim of the same discrete test images:
 * ``cnf-ml``: one conv CNF on the image, the same objective and solver.
 * ``cnf-rnode``: ``cnf-ml`` with RNODE's kinetic and Jacobian penalties (0.01 each).
 * ``cnf-fm`` / ``cnf-otfm``: one conv CNF trained by (OT-)flow matching, no solve per step.
-* ``gaussian-logit``: a full-covariance Gaussian fitted in logit space (closed form).
+* ``gaussian-logit``: a full-covariance Gaussian fitted in logit space (closed form), with the
+  logit's alpha chosen on the validation images from :data:`GAUSSIAN_ALPHAS` (the Gaussian's
+  bits/dim moves by more than a bit per dimension with alpha on Fashion-MNIST).
 * ``realnvp``: zuko's RealNVP coupling flow on the flattened logit images (a discrete flow;
   skipped when zuko is not installed).
 
@@ -102,8 +104,27 @@ def count_parameters(flow: nn.Module) -> int:
     return sum(p.numel() for p in flow.parameters())
 
 
-def preprocessing(levels: int) -> Compose:
-    return Compose(Dequantize(levels), Logit(IMAGE_RECIPE.alpha))
+def preprocessing(levels: int, alpha: float = IMAGE_RECIPE.alpha) -> Compose:
+    return Compose(Dequantize(levels), Logit(alpha))
+
+
+#: The logit alphas the Gaussian baseline chooses from on the validation images.
+GAUSSIAN_ALPHAS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def logit_gaussian(data: ImageSplits, seed: int = 0) -> TransformedFlow:
+    """The Gaussian baseline with the alpha of :data:`GAUSSIAN_ALPHAS` that scores the validation
+    images best (fitted on the training images, one dequantisation draw each)."""
+    best, best_bpd = None, math.inf
+    for alpha in GAUSSIAN_ALPHAS:
+        pre = preprocessing(data.levels, alpha)
+        with torch.no_grad():
+            y, _ = pre(data.train.to(torch.float32), generator=torch.Generator().manual_seed(seed))
+        flow = TransformedFlow(LogitGaussian(y), pre)
+        bpd = evaluate_bits_per_dim(flow, data.val, generator=torch.Generator().manual_seed(seed + 2)).mean
+        if bpd < best_bpd:
+            best, best_bpd = flow, bpd
+    return best
 
 
 #: Solvers of --quick: the code paths of the real run at a fraction of the evaluations.
@@ -118,10 +139,7 @@ def build(method: str, data: ImageSplits, hidden: Sequence[int], quick: bool = F
         solver = QUICK_TRAIN_SOLVER if quick else IMAGE_RECIPE.train_solver
         return image_flow(shape, data.levels, model=model, hidden=hidden, solver=solver)
     if method == "gaussian-logit":
-        pre = preprocessing(data.levels)
-        with torch.no_grad():
-            y, _ = pre(data.train.to(torch.float32), generator=torch.Generator().manual_seed(0))
-        return TransformedFlow(LogitGaussian(y), pre)
+        return logit_gaussian(data)
     if method == "realnvp":
         width = 16 if quick else 256
         flat = make_zuko_flow("realnvp", math.prod(shape), transforms=4, hidden=(width, width))
@@ -171,6 +189,7 @@ def run_one(
         "sample100_nfe": sample_nfe,
         "sample100_seconds": sample_seconds,
         "params": count_parameters(flow),
+        "alpha": next(t.alpha for t in flow.preprocess.leaves() if isinstance(t, Logit)),
         "test_n": score.n,
     }
 
@@ -210,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     rows = [run_one(m, data, share, device, tuple(args.hidden), args.seed, args.quick, args.threads) for m in methods]
     columns = [
         "method", "data", "test_bpd", "test_bpd_2se", "train_seconds", "steps", "score_nfe",
-        "score_seconds", "sample100_nfe", "sample100_seconds", "params", "test_n",
+        "score_seconds", "sample100_nfe", "sample100_seconds", "params", "alpha", "test_n",
     ]
     meta = {
         "budget_seconds": args.budget,

@@ -49,7 +49,7 @@ from cnf.training import (
     resolve_threads,
     train,
 )
-from cnf.transforms import STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.transforms import DEFAULT_ALPHA, STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
 from cnf.vae.posteriors import POSTERIORS
 
 TEST_SEED = 2024  # test points are drawn apart from the training seed
@@ -192,7 +192,9 @@ def preprocessed(
 ) -> torch.nn.Module:
     """Wrap ``flow`` with the preprocessing the data need (or that the flags ask for), saying which."""
     levels = args.levels if args.levels is not None else LEVELS.get(source)
-    preprocess, notes = choose_preprocessing(train_set, args.preprocess, levels=levels, alpha=args.alpha)
+    preprocess, notes = choose_preprocessing(
+        train_set, args.preprocess, levels=levels, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha
+    )
     for note in notes:
         print(f"preprocessing ({args.preprocess}): {note}")
     return flow if preprocess is None else TransformedFlow(flow, preprocess)
@@ -817,7 +819,10 @@ def build_parser() -> argparse.ArgumentParser:
         f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
     )
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
-    p.add_argument("--alpha", type=float, default=0.05, help="logit margin alpha (RealNVP's 0.05)")
+    p.add_argument(
+        "--alpha", type=float, default=None,
+        help="logit margin alpha (default: RealNVP's 0.05 for tables and vectors, 1e-4 for images)",
+    )  # fmt: skip
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
     p.add_argument(
         "--context-columns", type=int, nargs="+", default=None, metavar="I",

@@ -78,6 +78,7 @@ def build_image_model(args: argparse.Namespace, splits: ImageSplits) -> nn.Modul
         noise=_given(args, "noise") or IMAGE_RECIPE.noise,
         activation=_given(args, "activation") or "softplus",
         solver=solver,
+        alpha=IMAGE_RECIPE.alpha if _given(args, "alpha") is None else args.alpha,
     )
 
 

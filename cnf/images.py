@@ -54,6 +54,12 @@ class ImageRecipe:
     backward, a flow-matching step one evaluation (benchmarks/images.py, README). The
     likelihood settings (Hutchinson, RK4 to train, dopri5 1e-5 to evaluate) are those of
     ``model="multiscale"``, which flow matching cannot train (no single velocity field).
+
+    The logit's ``alpha`` is 1e-4: a Gaussian fitted in logit space scores (test bits/dim)
+    Fashion-MNIST 5.53 / 4.82 / 4.26 / 4.20 / 4.22 / 4.23 and the 8x8 digits 2.46 / 2.28 /
+    2.28 / 2.32 / 2.33 / 2.33 at alpha 0.05 (RealNVP's) / 1e-2 / 1e-3 / 1e-4 / 1e-5 / 1e-6
+    (FFJORD's), and the flow-matching CNF after 150 s on Fashion-MNIST 6.29 at 0.05 against
+    4.48 at 1e-6 (README, "Images").
     """
 
     model: str = "cnf"
@@ -64,7 +70,7 @@ class ImageRecipe:
     noise: str = "rademacher"
     train_solver: Solver = Solver(method="rk4", step_size=0.25)
     eval_solver: Solver = Solver(method="dopri5", rtol=1e-5, atol=1e-5)
-    alpha: float = 0.05
+    alpha: float = 1e-4
 
     def train_settings(
         self, shape: Sequence[int], objective: str | None = None, time_limit: float | None = None

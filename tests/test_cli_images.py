@@ -71,3 +71,19 @@ def test_image_runs_are_protected_like_vector_runs(
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     assert main([*args, "--overwrite"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_image_logit_alpha_is_the_recipes_unless_given(image_file: Path, tmp_path: Path) -> None:
+    from cnf.checkpoint import load_checkpoint
+    from cnf.images import IMAGE_RECIPE
+    from cnf.transforms import Logit
+
+    def alpha_of(out: Path) -> float:
+        flow, _ = load_checkpoint(out / "checkpoint.pt")
+        return next(t.alpha for t in flow.preprocess.leaves() if isinstance(t, Logit))
+
+    args = ["train", "--data", str(image_file), "--iters", "1", "--hidden", "4"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert alpha_of(tmp_path / "default") == IMAGE_RECIPE.alpha == 1e-4
+    assert main([*args, "--alpha", "0.01", "--out", str(tmp_path / "given")]) == 0
+    assert alpha_of(tmp_path / "given") == 0.01
