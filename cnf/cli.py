@@ -498,6 +498,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
 
 VAE_DEFAULTS: dict[str, Any] = {
     "posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64], "flow_context": "concat",
+    "activation": "tanh",
 }  # fmt: skip
 
 
@@ -525,6 +526,10 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
             raise ValueError(
                 f"--flow-context {args.flow_context} conditions a CNF posterior, got --posterior {run['posterior']}"
             )
+        if args.activation is not None and run["posterior"] != "cnf":
+            raise ValueError(
+                f"--activation {args.activation} is the CNF posterior's field activation, got --posterior {run['posterior']}"
+            )
     if run.get("data") not in BINARIZED_DATASETS:
         raise ValueError(
             f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {run.get('data')!r}"
@@ -537,7 +542,7 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
         vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
                   flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
-                  flow_context=run["flow_context"])  # fmt: skip
+                  flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
@@ -564,7 +569,8 @@ def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> i
     from cnf.data.binarized import load_binarized
     from cnf.vae.evaluate import evaluate_vae
 
-    metrics = evaluate_vae(vae, load_binarized(args.data).test[: args.n], k=1000)
+    n = args.n if args.n is not None else DEFAULT_TEST_SIZE
+    metrics = evaluate_vae(vae, load_binarized(args.data).test[:n], k=1000)
     if args.json:
         print(strict_json(metrics))
     else:
@@ -579,11 +585,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return evaluate_vae_checkpoint(flow, args)
     if cli_images.is_image_source(args.data):
         solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
-        return cli_images.evaluate_images(flow, args.data, args.json, solver)
+        return cli_images.evaluate_images(flow, args.data, args.json, solver, n=args.n)
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
     if args.solver_from is not None and isinstance(inner, CNF):
         inner.solver = solver_from_file(args.solver_from)
-    data = load_eval_data(args.data, args.n, args.seed)
+    data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
     exact = args.solver_from is None
@@ -748,6 +754,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
@@ -790,7 +803,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help="default 64 64 64")
-    p.add_argument("--activation", default=None)
+    p.add_argument(
+        "--activation", default=None, help="the field's activation (tanh, softplus, elu, silu, relu); with "
+        "--model vae the CNF posterior's (default tanh)",
+    )  # fmt: skip
     p.add_argument("--divergence", default=None, help="exact (default) or hutchinson")
     p.add_argument("--noise", default=None)
     p.add_argument("--method", default=None, help="ODE solver (default dopri5)")
@@ -819,6 +835,11 @@ def build_parser() -> argparse.ArgumentParser:
         f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
     )
     p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
+    p.add_argument(
+        "--test-n", type=positive_int, default=None, metavar="N",
+        help="images: score the first N test images at the end (default all, at most "
+        f"{cli_images.TRAIN_TEST_IMAGES:,}; `cnf evaluate` scores them all)",
+    )  # fmt: skip
     p.add_argument(
         "--alpha", type=float, default=None,
         help="logit margin alpha (default: RealNVP's 0.05 for tables and vectors, 1e-4 for images)",
@@ -858,7 +879,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("evaluate", help="test NLL, NFE and seconds of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset name or .npy/.csv file")
-    p.add_argument("--n", type=int, default=DEFAULT_TEST_SIZE)
+    p.add_argument(
+        "--n", type=positive_int, default=None,
+        help=f"toy points drawn (default {DEFAULT_TEST_SIZE:,}); images and VAEs: the first N test images (default all)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")

@@ -87,3 +87,24 @@ def test_image_logit_alpha_is_the_recipes_unless_given(image_file: Path, tmp_pat
     assert alpha_of(tmp_path / "default") == IMAGE_RECIPE.alpha == 1e-4
     assert main([*args, "--alpha", "0.01", "--out", str(tmp_path / "given")]) == 0
     assert alpha_of(tmp_path / "given") == 0.01
+
+
+def test_train_scores_at_most_the_capped_number_of_test_images(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cnf import cli_images
+
+    monkeypatch.setattr(cli_images, "TRAIN_TEST_IMAGES", 3)  # the file's split holds 4 test images
+    args = ["train", "--data", str(image_file), "--iters", "1", "--hidden", "4"]
+    assert main([*args, "--out", str(tmp_path / "capped")]) == 0
+    assert json.loads((tmp_path / "capped" / "summary.json").read_text())["test_n"] == 3
+    assert "scoring the first 3 of 4 test images" in capsys.readouterr().out
+    assert main([*args, "--test-n", "2", "--out", str(tmp_path / "two")]) == 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["test_n"] == 2
+    capsys.readouterr()
+    checkpoint = str(tmp_path / "two" / "checkpoint.pt")
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n"] == 5
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "0"])
+    assert "--n: must be a positive integer, got '0'" in capsys.readouterr().err

@@ -102,6 +102,12 @@ def test_recipes_by_dimension() -> None:
     assert model_recipe(64, "tabular")["noise"] == "rademacher"
     assert default_objective(64, "tabular") == "ot_flow_matching"
     assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 1e-3
+    # images: the EMA'd weights; large images validate on 500 images every 1,000 steps, so that
+    # validation stays ~10 % of training (digits, 64 pixels, keep every 100 steps on all 180)
+    digits, fashion = recipe("flow_matching", 64, "image"), recipe("flow_matching", 784, "image")
+    assert digits["ema_decay"] == fashion["ema_decay"] == 0.999
+    assert digits["val_every"] == 100 and "val_size" not in digits
+    assert fashion["val_every"] == 1000 and fashion["val_size"] == 500
 
 
 def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> None:
