@@ -318,3 +318,35 @@ def test_film_cnf_posterior_round_trips_through_its_config() -> None:
     assert VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_context"}).posterior.context_mode == "concat"
     with pytest.raises(ValueError, match="unknown flow_context 'bias'"):
         VAE(16, 2, "cnf", flow_context="bias")
+
+
+def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_path, capsys) -> None:
+    from cnf.cli import main
+
+    vae = VAE(16, 2, "cnf", hidden=(8,), flow_hidden=(8,))
+    assert vae.posterior.flow.field.activation_name == "tanh" and vae.config()["flow_activation"] == "tanh"
+    rebuilt = VAE.from_config(vae.config())
+    assert rebuilt.config() == vae.config()
+    rebuilt.load_state_dict(vae.state_dict())
+    x = torch.bernoulli(torch.full((3, 16), 0.5))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = vae.elbo(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(rebuilt.elbo(x), expected)
+    # a configuration saved before the option rebuilds the softplus field it was trained with
+    old = VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_activation"})
+    assert old.posterior.flow.field.activation_name == "softplus"
+    with pytest.raises(ValueError, match="unknown flow_activation 'sin'"):
+        VAE(16, 2, "cnf", flow_activation="sin")
+    out = tmp_path / "softplus"
+    args = ["train", "--model", "vae", "--posterior", "cnf", "--activation", "softplus", "--data", "digits",
+            "--iters", "1", "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2",
+            "--rtol", "1e-3", "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    trained, _ = load_checkpoint(out / "checkpoint.pt")
+    assert trained.posterior.flow.field.activation_name == "softplus"
+    bad = ["train", "--model", "vae", "--posterior", "gaussian", "--activation", "elu", "--data", "digits",
+           "--out", str(tmp_path / "bad")]  # fmt: skip
+    assert main(bad) == 2
+    assert "--activation elu is the CNF posterior's field activation, got --posterior gaussian" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnf.data import check_batch
-from cnf.fields.mlp import CONTEXT_MODES
+from cnf.fields.mlp import ACTIVATIONS, CONTEXT_MODES
 from cnf.solver import Solver, SolveStats
 from cnf.vae.posteriors import POSTERIORS, Posterior, standard_normal_log_prob
 
@@ -95,6 +95,8 @@ class VAE(nn.Module):
         layers: planar layers K (default 16) or IAF transforms.
         solver: the CNF posterior's solver.
         flow_context: how h(x) conditions the CNF posterior's field, ``concat`` or ``film``.
+        flow_activation: the CNF posterior's field activation (default tanh; checkpoints saved
+            before this option rebuild with softplus, the activation they were trained with).
         score_samples: k of the importance-weighted bound that ``log_prob`` returns (1: ELBO).
         encoder, decoder: modules replacing the MLPs: encoder(x) -> (mean, log_std, h) with a
             ``context_dim`` attribute; decoder.log_prob(x, z) and decoder.mean(z).
@@ -114,6 +116,7 @@ class VAE(nn.Module):
         layers: int = 16,
         solver: Solver | None = None,
         flow_context: str = "concat",
+        flow_activation: str = "tanh",
         score_samples: int = 1,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
@@ -125,6 +128,8 @@ class VAE(nn.Module):
         self.score_samples = _check_positive_int("score_samples", score_samples)
         if flow_context not in CONTEXT_MODES:
             raise ValueError(f"unknown flow_context {flow_context!r}; choose one of {CONTEXT_MODES}")
+        if flow_activation not in ACTIVATIONS:
+            raise ValueError(f"unknown flow_activation {flow_activation!r}; choose one of {tuple(ACTIVATIONS)}")
         self.custom = encoder is not None or decoder is not None
         self.encoder = encoder if encoder is not None else MLPEncoder(data_dim, latent_dim, self.hidden)
         self.decoder = (
@@ -148,6 +153,7 @@ class VAE(nn.Module):
                 hidden=tuple(flow_hidden),
                 solver=solver,
                 context_mode=flow_context,
+                activation=flow_activation,
             )
         else:
             raise ValueError(
@@ -255,6 +261,7 @@ class VAE(nn.Module):
             "layers": posterior["layers"],
             "solver": posterior["solver"],
             "flow_context": posterior["context_mode"],
+            "flow_activation": posterior["activation"],
             "score_samples": self.score_samples,
         }
 
@@ -270,5 +277,6 @@ class VAE(nn.Module):
             layers=config["layers"],
             solver=solver,
             flow_context=config.get("flow_context", "concat"),
+            flow_activation=config.get("flow_activation", "softplus"),  # the activation before the option
             score_samples=config.get("score_samples", 1),
         )

@@ -12,7 +12,7 @@ Families (:data:`POSTERIORS`):
 * ``planar``: K planar layers whose (u, w, b) come from h(x) (:class:`cnf.ConditionalPlanarFlow`;
   Rezende & Mohamed 2015); log|det| by the matrix determinant lemma.
 * ``cnf``: an amortised CNF (FFJORD's VAE, Grathwohl et al. 2019): the conditional
-  :class:`cnf.MLPField` with context h(x); log|det| from the continuity equation, integrated
+  :class:`cnf.MLPField` (tanh by default) with context h(x); log|det| from the continuity equation, integrated
   along the same forward solve 0 -> 1 that moves z0 to z (:meth:`cnf.CNF.inverse_and_log_prob`).
 * ``iaf``: an inverse autoregressive flow (Kingma et al. 2016) from zuko's MAF used in its fast
   direction for sampling (:class:`ZukoIAF`), optional (needs zuko).
@@ -94,6 +94,9 @@ class Posterior(nn.Module):
         solver: the CNF's solver (default dopri5, rtol = atol = 1e-5).
         context_mode: how h(x) enters the CNF's field: ``concat`` (a per-sample bias of every
             layer) or ``film`` (a per-sample scale and shift of every hidden layer).
+        activation: the CNF field's activation (default tanh, as the real-data recipes; on the
+            2-D-latent digits example, mean KL(q || p(z | x)) over four seeds: softplus 0.280,
+            tanh 0.089; Fashion-MNIST IWAE over the Gaussian posterior: 1.01 and 1.63 nats).
         flow: any flow with the contract in the module docstring, instead of a family's.
     """
 
@@ -107,6 +110,7 @@ class Posterior(nn.Module):
         hidden: tuple[int, ...] = (64, 64),
         solver: Solver | None = None,
         context_mode: str = "concat",
+        activation: str = "tanh",
         flow: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -118,6 +122,7 @@ class Posterior(nn.Module):
         self.layers = layers
         self.hidden = tuple(hidden)
         self.context_mode = context_mode
+        self.activation = activation
         if flow is None:
             flow = self._build(family, solver)
         self.flow = flow
@@ -129,7 +134,7 @@ class Posterior(nn.Module):
         if family == "planar":
             return ConditionalPlanarFlow(d, self.layers, c, hidden=self.hidden)
         if family == "cnf":
-            field = MLPField(d, hidden=self.hidden, activation="softplus", context_dim=c, context_mode=self.context_mode)
+            field = MLPField(d, hidden=self.hidden, activation=self.activation, context_dim=c, context_mode=self.context_mode)
             return CNF(field, solver=solver or Solver())
         return ZukoIAF(d, c, transforms=self.layers, hidden=self.hidden)
 
@@ -182,4 +187,5 @@ class Posterior(nn.Module):
             "hidden": list(self.hidden),
             "solver": solver,
             "context_mode": self.context_mode,
+            "activation": self.activation,
         }
