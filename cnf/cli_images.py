@@ -117,6 +117,7 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/default")
     resume = _resume_path(args.resume) if args.resume is not None else None
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
+    print(describe_image_run(flow, splits, settings, torch.get_num_threads()))
     result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True)
     set_solver(flow, IMAGE_RECIPE.eval_solver)
     test_n = _given(args, "test_n") or TRAIN_TEST_IMAGES
@@ -147,6 +148,29 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         f"checkpoint: {result.checkpoint}"
     )
     return 0
+
+
+def describe_image_run(flow: nn.Module, splits: ImageSplits, settings: TrainSettings, threads: int) -> str:
+    """What ``cnf train`` chose for images, in one line (as the vector runs say theirs)."""
+    config = flow.config()
+    inner = config["flow"]
+    field = inner.get("field") or {}
+    steps = " -> ".join(
+        f"logit (alpha {t['alpha']:g})" if t.get("kind") == "logit" else str(t.get("kind"))
+        for t in config.get("preprocess", {}).get("transforms", [])
+    )
+    hidden = "-".join(str(h) for h in field.get("hidden", inner.get("hidden", [])))
+    model = "conv CNF" if inner["kind"] == "cnf" else f"{inner['kind']} CNF"
+    val_size = min(settings.val_size, splits.val.shape[0])
+    return (
+        f"images {tuple(splits.shape)}, {splits.levels} levels, {splits.train.shape[0]:,} training: "
+        f"{steps} -> {model} {hidden}; training {settings.objective} with lr {settings.lr:g}, "
+        f"batch {settings.batch_size}, {settings.lr_schedule} schedule, "
+        + (f"EMA {settings.ema_decay:g}, " if settings.ema_decay else "")
+        + f"validation every {settings.val_every:,} steps on {val_size:,} images, "
+        f"{threads} torch thread{'s' if threads > 1 else ''}"
+        + (f", time limit {settings.time_limit:g} s" if settings.time_limit else "")
+    )
 
 
 def evaluate_images(

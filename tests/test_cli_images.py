@@ -28,7 +28,9 @@ def test_train_and_evaluate_images_from_a_file(
     assert summary["model"] == "cnf" and summary["objective"] == "flow_matching"
     assert summary["steps"] == 2 and summary["test_n"] == 4
     assert summary["test_bits_per_dim"] > 7.5  # 256 levels: a uniform model scores 8 bits
-    capsys.readouterr()
+    said = capsys.readouterr().out  # what it chose, in one line
+    assert "images (1, 4, 4), 256 levels, 32 training: dequantize -> logit (alpha 0.0001) -> conv CNF 4; " in said
+    assert "training flow_matching with lr 0.001, batch 128, cosine schedule, EMA 0.999, validation every 100" in said
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 40 and metrics["bits_per_dim"] > 7.5 and metrics["nfe"] > 0
@@ -38,12 +40,13 @@ def test_train_and_evaluate_images_from_a_file(
     assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png"}
 
 
-def test_multiscale_trains_by_likelihood(image_file: Path, tmp_path: Path) -> None:
+def test_multiscale_trains_by_likelihood(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ms"
     args = ["train", "--data", str(image_file), "--model", "multiscale", "--iters", "1", "--hidden", "4", "--method", "euler"]
     assert main([*args, "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"] == "multiscale" and summary["objective"] == "likelihood"
+    assert "-> multiscale CNF 4; training likelihood" in capsys.readouterr().out
 
 
 def test_image_errors_are_reported(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
