@@ -430,10 +430,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         threads = resolve_threads(args.threads, train_set.shape[1])
         how = "auto" if args.threads in (None, "auto") else "--threads"
     print(
-        f"training {settings.objective} with lr {settings.lr:g}, batch {settings.batch_size}, "
-        f"{settings.lr_schedule} schedule, "
-        + (f"EMA {settings.ema_decay:g}, " if settings.ema_decay else "")
-        + f"{threads} torch thread{'s' if threads > 1 else ''} ({how})"
+        f"training {settings.describe()}, {threads} torch thread{'s' if threads > 1 else ''} ({how})"
     )
     result = train(
         flow,

@@ -164,10 +164,8 @@ def describe_image_run(flow: nn.Module, splits: ImageSplits, settings: TrainSett
     val_size = min(settings.val_size, splits.val.shape[0])
     return (
         f"images {tuple(splits.shape)}, {splits.levels} levels, {splits.train.shape[0]:,} training: "
-        f"{steps} -> {model} {hidden}; training {settings.objective} with lr {settings.lr:g}, "
-        f"batch {settings.batch_size}, {settings.lr_schedule} schedule, "
-        + (f"EMA {settings.ema_decay:g}, " if settings.ema_decay else "")
-        + f"validation every {settings.val_every:,} steps on {val_size:,} images, "
+        f"{steps} -> {model} {hidden}; training {settings.describe()}, "
+        f"validation every {settings.val_every:,} steps on {val_size:,} images, "
         f"{threads} torch thread{'s' if threads > 1 else ''}"
         + (f", time limit {settings.time_limit:g} s" if settings.time_limit else "")
     )

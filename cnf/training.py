@@ -157,6 +157,13 @@ class TrainSettings:
         ):
             raise ValueError(f"patience must be a positive int (validations) or None, got {self.patience!r}")
 
+    def describe(self) -> str:
+        """The objective and optimiser settings in words, as ``cnf train`` prints them."""
+        return (
+            f"{self.objective} with lr {self.lr:g}, batch {self.batch_size}, {self.lr_schedule} schedule"
+            + (f", EMA {self.ema_decay:g}" if self.ema_decay else "")
+        )
+
     def loss_kwargs(self, step: int) -> dict[str, Any]:
         """Step-dependent options of the loss: the KL warm-up weight of the ``elbo`` objective."""
         return {"kl_weight": kl_warmup_weight(step, self.kl_warmup)} if self.objective == "elbo" else {}
