@@ -294,15 +294,22 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
 
 
+def train_tiny_cnf_vae(out, *flags: str, iters: int = 2) -> VAE:
+    """`cnf train --model vae --posterior cnf` on digits at a tiny size with extra ``flags``; the
+    trained VAE loaded back from its checkpoint."""
+    from cnf.cli import main
+
+    args = ["train", "--model", "vae", "--posterior", "cnf", *flags, "--data", "digits", "--iters", str(iters),
+            "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2", "--rtol", "1e-3",
+            "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    return load_checkpoint(out / "checkpoint.pt")[0]
+
+
 def test_cli_flow_context_reaches_the_cnf_posterior(tmp_path, capsys) -> None:
     from cnf.cli import main
 
-    out = tmp_path / "film"
-    args = ["train", "--model", "vae", "--posterior", "cnf", "--flow-context", "film", "--data", "digits", "--iters",
-            "2", "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2", "--rtol", "1e-3",
-            "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    vae, _ = load_checkpoint(out / "checkpoint.pt")
+    vae = train_tiny_cnf_vae(tmp_path / "film", "--flow-context", "film")
     assert vae.posterior.flow.field.context_mode == "film"
     bad = ["train", "--model", "vae", "--posterior", "planar", "--flow-context", "film", "--data", "digits",
            "--out", str(tmp_path / "bad")]  # fmt: skip
@@ -339,12 +346,7 @@ def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_
     assert old.posterior.flow.field.activation_name == "softplus"
     with pytest.raises(ValueError, match="unknown flow_activation 'sin'"):
         VAE(16, 2, "cnf", flow_activation="sin")
-    out = tmp_path / "softplus"
-    args = ["train", "--model", "vae", "--posterior", "cnf", "--activation", "softplus", "--data", "digits",
-            "--iters", "1", "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2",
-            "--rtol", "1e-3", "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
-    assert main(args) == 0
-    trained, _ = load_checkpoint(out / "checkpoint.pt")
+    trained = train_tiny_cnf_vae(tmp_path / "softplus", "--activation", "softplus", iters=1)
     assert trained.posterior.flow.field.activation_name == "softplus"
     bad = ["train", "--model", "vae", "--posterior", "gaussian", "--activation", "elu", "--data", "digits",
            "--out", str(tmp_path / "bad")]  # fmt: skip
