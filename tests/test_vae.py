@@ -352,3 +352,14 @@ def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
     assert "--activation elu is the CNF posterior's field activation, got --posterior gaussian" in capsys.readouterr().err
+
+
+def test_cli_vae_on_fashion_mnist_takes_the_vae_path(tmp_path, monkeypatch) -> None:
+    """`fashion-mnist` also names an image dataset; with --model vae it must reach the VAE trainer."""
+    from cnf import cli
+
+    taken = []
+    monkeypatch.setattr(cli, "cmd_train_vae", lambda args, resume: taken.append(args.data) or 0)
+    monkeypatch.setattr(cli.cli_images, "cmd_train_images", lambda args: pytest.fail("took the image path"))
+    assert cli.main(["train", "--model", "vae", "--data", "fashion-mnist", "--out", str(tmp_path / "v")]) == 0
+    assert taken == ["fashion-mnist"]
