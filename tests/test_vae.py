@@ -352,6 +352,25 @@ def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
     assert "--activation elu is the CNF posterior's field activation, got --posterior gaussian" in capsys.readouterr().err
+    bad[4], bad[6] = "cnf", "sin"  # an unknown activation is refused under the flag's name
+    with pytest.raises(SystemExit, match="2"):
+        main(bad)
+    assert "argument --activation: invalid choice: 'sin'" in capsys.readouterr().err
+
+
+def test_cli_vae_scores_a_capped_number_of_test_images(tmp_path, capsys, monkeypatch) -> None:
+    """k = 1000 on every Fashion-MNIST test image outlasts training: the summary scores at most
+    TRAIN_TEST_IMAGES (or --test-n) and names the command that scores them all."""
+    from cnf import cli_images
+
+    monkeypatch.setattr(cli_images, "TRAIN_TEST_IMAGES", 7)  # digits has 180 test images
+    train_tiny_cnf_vae(tmp_path / "capped", iters=1)
+    assert json.loads((tmp_path / "capped" / "summary.json").read_text())["test_n"] == 7
+    said = capsys.readouterr().out
+    assert "scoring the first 7 of 180 test images (--test-n; `cnf evaluate --checkpoint" in said
+    assert "--data digits --n 180` scores them all)" in said
+    train_tiny_cnf_vae(tmp_path / "five", "--test-n", "5", iters=1)
+    assert json.loads((tmp_path / "five" / "summary.json").read_text())["test_n"] == 5
 
 
 def test_cli_vae_on_fashion_mnist_takes_the_vae_path(tmp_path, monkeypatch) -> None:
