@@ -67,6 +67,10 @@ def build_flow(config: dict[str, Any]) -> nn.Module:
             from cnf.fields.conv import ConvField
 
             field = ConvField(**field_config)
+        elif field_kind == "unet":
+            from cnf.fields.unet import UNetField
+
+            field = UNetField(**field_config)
         else:
             field = MLPField(**field_config)
         return CNF(

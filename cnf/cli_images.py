@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from cnf.data.images import IMAGE_DATASETS, ImageSplits, check_images, load_images, split_images
-from cnf.images import IMAGE_RECIPE, dequantization_levels, evaluate_bits_per_dim, image_flow, set_solver
+from cnf.images import (
+    IMAGE_MODELS,
+    IMAGE_RECIPE,
+    dequantization_levels,
+    evaluate_bits_per_dim,
+    image_flow,
+    set_solver,
+)
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
 
@@ -66,8 +73,8 @@ def load_image_source(source: str, seed: int = 0) -> ImageSplits:
 
 def build_image_model(args: argparse.Namespace, splits: ImageSplits) -> nn.Module:
     model = _given(args, "model") or IMAGE_RECIPE.model
-    if model not in ("multiscale", "cnf"):
-        raise ValueError(f"--model {model!r} does not apply to images; choose multiscale or cnf")
+    if model not in IMAGE_MODELS:
+        raise ValueError(f"--model {model!r} does not apply to images; choose one of {', '.join(IMAGE_MODELS)}")
     method = _given(args, "method")
     solver = IMAGE_RECIPE.train_solver
     if method is not None:
@@ -77,7 +84,7 @@ def build_image_model(args: argparse.Namespace, splits: ImageSplits) -> nn.Modul
         splits.shape,
         splits.levels,
         model=model,
-        hidden=tuple(_given(args, "hidden") or IMAGE_RECIPE.hidden),
+        hidden=_given(args, "hidden"),
         divergence=_given(args, "divergence") or IMAGE_RECIPE.divergence,
         noise=_given(args, "noise") or IMAGE_RECIPE.noise,
         activation=_given(args, "activation") or "softplus",
@@ -95,7 +102,8 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
     flow = build_image_model(args, splits)
-    model = flow.config()["flow"]["kind"]
+    inner = flow.config()["flow"]
+    model = "unet" if (inner.get("field") or {}).get("kind") == "unet" else inner["kind"]
     # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
     objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
@@ -160,7 +168,10 @@ def describe_image_run(flow: nn.Module, splits: ImageSplits, settings: TrainSett
         for t in config.get("preprocess", {}).get("transforms", [])
     )
     hidden = "-".join(str(h) for h in field.get("hidden", inner.get("hidden", [])))
-    model = "conv CNF" if inner["kind"] == "cnf" else f"{inner['kind']} CNF"
+    if inner["kind"] == "cnf":
+        model = "U-Net CNF" if field.get("kind") == "unet" else "conv CNF"
+    else:
+        model = f"{inner['kind']} CNF"
     val_size = min(settings.val_size, splits.val.shape[0])
     return (
         f"images {tuple(splits.shape)}, {splits.levels} levels, {splits.train.shape[0]:,} training: "

@@ -34,13 +34,14 @@ from torch import nn
 
 from cnf.data.images import check_images
 from cnf.fields.conv import ConvField
+from cnf.fields.unet import UNetField
 from cnf.flow import CNF
 from cnf.multiscale import MultiScaleCNF
 from cnf.recipes import recipe
 from cnf.solver import Solver
 from cnf.transforms import Compose, Dequantize, Logit, TransformedFlow
 
-IMAGE_MODELS = ("multiscale", "cnf")
+IMAGE_MODELS = ("multiscale", "cnf", "unet")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ImageRecipe:
 
     model: str = "cnf"
     hidden: tuple[int, ...] = (32, 32, 32)
+    unet_hidden: tuple[int, ...] = (32, 64, 64)
     scales: int = 2
     objective: str = "flow_matching"
     divergence: str = "hutchinson"
@@ -87,7 +89,7 @@ def image_flow(
     levels: int,
     *,
     model: str = IMAGE_RECIPE.model,
-    hidden: Sequence[int] = IMAGE_RECIPE.hidden,
+    hidden: Sequence[int] | None = None,
     scales: int = IMAGE_RECIPE.scales,
     divergence: str = IMAGE_RECIPE.divergence,
     noise: str = IMAGE_RECIPE.noise,
@@ -96,17 +98,27 @@ def image_flow(
     activation: str = "softplus",
 ) -> TransformedFlow:
     """A CNF on integer images of ``shape`` (C, H, W) with ``levels`` grey levels, dequantised and
-    logit-transformed inside the model (its ``log_prob`` takes the integer images as floats)."""
+    logit-transformed inside the model (its ``log_prob`` takes the integer images as floats).
+
+    ``model``: ``"cnf"`` (one CNF, concat-squash conv field), ``"unet"`` (one CNF, U-Net field,
+    :class:`cnf.fields.UNetField`) or ``"multiscale"``; ``hidden`` defaults to the recipe's
+    channels for that model."""
     if model not in IMAGE_MODELS:
         raise ValueError(f"unknown image model {model!r}; choose one of {IMAGE_MODELS}")
     solver = IMAGE_RECIPE.train_solver if solver is None else solver
     shape = tuple(shape)
+    if hidden is None:
+        hidden = IMAGE_RECIPE.unet_hidden if model == "unet" else IMAGE_RECIPE.hidden
     if model == "multiscale":
         inner: nn.Module = MultiScaleCNF(
             shape, scales, hidden=hidden, activation=activation, divergence=divergence, noise=noise, solver=solver
         )
     else:
-        field = ConvField(shape, hidden=hidden, activation=activation)
+        field: nn.Module
+        if model == "unet":
+            field = UNetField(shape, hidden=hidden)
+        else:
+            field = ConvField(shape, hidden=hidden, activation=activation)
         inner = CNF(field, divergence=divergence, noise=noise, solver=solver)
     return TransformedFlow(inner, Compose(Dequantize(levels), Logit(alpha)))
 

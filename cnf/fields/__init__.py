@@ -3,6 +3,7 @@
 * :mod:`cnf.fields.mlp`: :class:`MLPField` (time-conditioned MLP with a forward-mode exact
   divergence), :class:`LinearField` (the analytic test case), :class:`AutogradField`.
 * :mod:`cnf.fields.conv`: :class:`ConvField` (concat-squash convolutions on images).
+* :mod:`cnf.fields.unet`: :class:`UNetField` (a small time-conditioned U-Net on images).
 """
 
 from cnf.fields.conv import ConcatSquashConv2d, ConvField
@@ -18,6 +19,7 @@ from cnf.fields.mlp import (
     activation_derivative,
     time_column,
 )
+from cnf.fields.unet import UNetField
 
 __all__ = [
     "ACTIVATIONS",
@@ -31,5 +33,6 @@ __all__ = [
     "LinearField",
     "MLPField",
     "activation_derivative",
+    "UNetField",
     "time_column",
 ]
