@@ -49,6 +49,7 @@ CNF_METHODS = {
     "cnf-ml": ("cnf", "likelihood", {}),
     "cnf-rnode": ("cnf", "likelihood", {"kinetic_weight": 0.01, "jacobian_weight": 0.01}),
     "cnf-fm": ("cnf", "flow_matching", {}),
+    "cnf-fm-unet": ("unet", "flow_matching", {}),
     "cnf-otfm": ("cnf", "ot_flow_matching", {}),
 }
 METHODS = (*CNF_METHODS, "gaussian-logit", "realnvp")
@@ -132,7 +133,7 @@ QUICK_TRAIN_SOLVER = Solver(method="rk4", step_size=0.5)
 QUICK_EVAL_SOLVER = Solver(rtol=1e-3, atol=1e-3)
 
 
-def build(method: str, data: ImageSplits, hidden: Sequence[int], quick: bool = False) -> nn.Module:
+def build(method: str, data: ImageSplits, hidden: Sequence[int] | None, quick: bool = False) -> nn.Module:
     shape = data.shape
     if method in CNF_METHODS:
         model, _, _ = CNF_METHODS[method]
@@ -152,7 +153,7 @@ def run_one(
     data: ImageSplits,
     budget: float,
     device: torch.device,
-    hidden: Sequence[int],
+    hidden: Sequence[int] | None,
     seed: int,
     quick: bool = False,
     threads: int = 1,
@@ -199,7 +200,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--data", choices=IMAGE_DATASETS, default="digits-images")
     parser.add_argument("--budget", type=float, default=1800.0, help="training seconds in all, shared equally")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--hidden", type=int, nargs="+", default=list(IMAGE_RECIPE.hidden))
+    parser.add_argument(
+        "--hidden", type=int, nargs="+", default=None,
+        help=f"CNF channels (default {IMAGE_RECIPE.hidden}, U-Net {IMAGE_RECIPE.unet_hidden})",
+    )  # fmt: skip
     parser.add_argument("--test-n", type=int, default=None, help="score only the first N test images")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -216,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     data = load_images(args.data, seed=args.seed)
     if args.quick:
         args.budget, args.hidden, args.test_n = 0.5, [4], 16
-        args.methods = [m for m in ("cnf-ml-multiscale", "cnf-otfm", "gaussian-logit", "realnvp") if m in args.methods]
+        quick_methods = ("cnf-ml-multiscale", "cnf-otfm", "cnf-fm-unet", "gaussian-logit", "realnvp")
+        args.methods = [m for m in quick_methods if m in args.methods]
     methods = [m for m in args.methods if m != "realnvp" or zuko_available()]
     notes = [] if len(methods) == len(args.methods) else ["realnvp skipped: zuko is not installed"]
     if args.test_n is not None:
@@ -226,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         )
     trained = [m for m in methods if m != "gaussian-logit"]
     share = args.budget / max(len(trained), 1)
-    rows = [run_one(m, data, share, device, tuple(args.hidden), args.seed, args.quick, args.threads) for m in methods]
+    hidden = tuple(args.hidden) if args.hidden else None
+    rows = [run_one(m, data, share, device, hidden, args.seed, args.quick, args.threads) for m in methods]
     columns = [
         "method", "data", "test_bpd", "test_bpd_2se", "train_seconds", "steps", "score_nfe",
         "score_seconds", "sample100_nfe", "sample100_seconds", "params", "alpha", "test_n",

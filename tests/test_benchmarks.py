@@ -59,7 +59,7 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
     payload = _read(tmp_path, name)
     if name == "images_digits-images":
         rows = {r["method"]: r for r in payload["rows"]}
-        assert {"cnf-ml-multiscale", "cnf-otfm", "gaussian-logit"} <= set(rows)
+        assert {"cnf-ml-multiscale", "cnf-otfm", "cnf-fm-unet", "gaussian-logit"} <= set(rows)
         assert all(r["test_bpd"] > 0 and r["test_bpd_2se"] > 0 for r in rows.values())
     if name == "conditional":
         rows = payload["rows"]
