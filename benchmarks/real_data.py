@@ -57,7 +57,7 @@ from cnf.data.real import REAL_DATASETS, load_real
 from cnf.ema import ExponentialMovingAverage
 from cnf.recipes import EVALUATION_SOLVER, default_objective, model_recipe, recipe
 from cnf.training import TrainSettings
-from cnf.transforms import TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.transforms import DEFAULT_ALPHA, TransformedFlow, bits_per_dim, choose_preprocessing
 
 EVAL_TOL = EVALUATION_SOLVER["rtol"]
 VAL_TOL = 1e-4  # model selection needs ranking, not the last digit
@@ -393,7 +393,7 @@ def dataset_context(name: str, args: argparse.Namespace) -> dict[str, Any]:
     train, val, test = data.train, data.val, data.test
     if args.quick:
         train, val, test = train[:300], val[:100], test[:100]
-    preprocess, notes = choose_preprocessing(train, args.preprocess, levels=data.levels)
+    preprocess, notes = choose_preprocessing(train, args.preprocess, levels=data.levels, alpha=args.alpha)
     if preprocess is None:
         raise ValueError(f"{name}: no preprocessing chosen; the benchmark expects at least a standardisation")
     with torch.no_grad():
@@ -511,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--galaxy-path", default=None, help="pzflow wheel or galaxy-data.pkl (see cnf.data.real)"
     )
     parser.add_argument("--preprocess", default="auto", help="steps for choose_preprocessing (default auto)")
+    parser.add_argument(
+        "--alpha", type=float, default=DEFAULT_ALPHA, help=f"logit margin where a logit is chosen (default {DEFAULT_ALPHA})"
+    )
     parser.add_argument("--name", default="real_data", help="results file name")
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for the tests)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
