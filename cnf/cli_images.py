@@ -72,7 +72,7 @@ def load_image_source(source: str, seed: int = 0) -> ImageSplits:
 
 
 def build_image_model(args: argparse.Namespace, splits: ImageSplits) -> nn.Module:
-    model = _given(args, "model") or IMAGE_RECIPE.model
+    model = _given(args, "model") or IMAGE_RECIPE.model_for(splits.shape)
     if model not in IMAGE_MODELS:
         raise ValueError(f"--model {model!r} does not apply to images; choose one of {', '.join(IMAGE_MODELS)}")
     method = _given(args, "method")

@@ -10,15 +10,16 @@ preprocessing is uniform dequantisation to [0, 1) followed by the logit transfor
 
 for integer pixels x, with every change of variables counted (Theis et al. 2016).
 
-:data:`IMAGE_RECIPE` holds the defaults for images: flow matching on one conv CNF (measured
-best on CPU budgets), or FFJORD / RNODE's MNIST recipe for the multi-scale CNF (maximum
+:data:`IMAGE_RECIPE` holds the defaults for images: flow matching on one CNF with a U-Net field
+(measured best on CPU budgets; the conv field where the U-Net's halvings do not fit), or FFJORD / RNODE's MNIST recipe for the multi-scale CNF (maximum
 likelihood with Hutchinson's estimator and fixed-step RK4 for training); dopri5 at 1e-5 to
 evaluate; the training settings (learning rate, batch) come from
 :func:`cnf.recipes.recipe` with ``data_kind="image"``. The CLI, the example and the benchmark
 read both.
 
 References: Grathwohl et al. (2019), "FFJORD"; Finlay et al. (2020), "How to train your
-neural ODE" (RNODE); Dinh et al. (2017), "Real NVP" (logit preprocessing).
+neural ODE" (RNODE); Dinh et al. (2017), "Real NVP" (logit preprocessing); Lipman et al.
+(2023), "Flow matching for generative modeling" (U-Net fields).
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ IMAGE_MODELS = ("multiscale", "cnf", "unet")
 class ImageRecipe:
     """Default settings for image flows (see the module docstring).
 
+    The default model is one CNF whose field is a U-Net (:class:`cnf.fields.UNetField`,
+    16-32-32 channels at full, half and quarter size) wherever its two halvings fit (H and W
+    divisible by 4), else the concat-squash conv field (32-32-32). With flow matching on one
+    thread it scored 1.755 +- 0.037 test bits/dim on digits in 600 s (conv field: 1.962) and
+    on Fashion-MNIST drew recognisable garments after 30 minutes where the conv field's samples
+    were blotches; 32-64-64 made a third as many steps and validated worse (README, "Images").
+
     The default objective is flow matching on one conv CNF: on digits with 60 s per model on the
     shared 2-core machine it reached 2.43 +- 0.04 test bits/dim (2,181 steps), OT flow matching
     2.62 (1,420 steps), maximum likelihood with Hutchinson + RK4 4.64 (multi-scale, 44 steps)
@@ -63,9 +71,9 @@ class ImageRecipe:
     4.48 at 1e-6 (README, "Images").
     """
 
-    model: str = "cnf"
+    model: str = "unet"
     hidden: tuple[int, ...] = (32, 32, 32)
-    unet_hidden: tuple[int, ...] = (32, 64, 64)
+    unet_hidden: tuple[int, ...] = (16, 32, 32)
     scales: int = 2
     objective: str = "flow_matching"
     divergence: str = "hutchinson"
@@ -73,6 +81,12 @@ class ImageRecipe:
     train_solver: Solver = Solver(method="rk4", step_size=0.25)
     eval_solver: Solver = Solver(method="dopri5", rtol=1e-5, atol=1e-5)
     alpha: float = 1e-4
+
+    def model_for(self, shape: Sequence[int]) -> str:
+        """The default model for images of ``shape`` (C, H, W): the U-Net where its halvings fit."""
+        factor = 2 ** (len(self.unet_hidden) - 1)
+        fits = len(shape) == 3 and shape[1] % factor == 0 and shape[2] % factor == 0
+        return self.model if self.model != "unet" or fits else "cnf"
 
     def train_settings(
         self, shape: Sequence[int], objective: str | None = None, time_limit: float | None = None
@@ -88,7 +102,7 @@ def image_flow(
     shape: Sequence[int],
     levels: int,
     *,
-    model: str = IMAGE_RECIPE.model,
+    model: str | None = None,
     hidden: Sequence[int] | None = None,
     scales: int = IMAGE_RECIPE.scales,
     divergence: str = IMAGE_RECIPE.divergence,
@@ -100,13 +114,14 @@ def image_flow(
     """A CNF on integer images of ``shape`` (C, H, W) with ``levels`` grey levels, dequantised and
     logit-transformed inside the model (its ``log_prob`` takes the integer images as floats).
 
-    ``model``: ``"cnf"`` (one CNF, concat-squash conv field), ``"unet"`` (one CNF, U-Net field,
-    :class:`cnf.fields.UNetField`) or ``"multiscale"``; ``hidden`` defaults to the recipe's
-    channels for that model."""
+    ``model``: ``"unet"`` (one CNF, U-Net field, :class:`cnf.fields.UNetField`), ``"cnf"`` (one
+    CNF, concat-squash conv field) or ``"multiscale"``; by default the recipe's
+    (:meth:`ImageRecipe.model_for`); ``hidden`` defaults to the recipe's channels for the model."""
+    shape = tuple(shape)
+    model = IMAGE_RECIPE.model_for(shape) if model is None else model
     if model not in IMAGE_MODELS:
         raise ValueError(f"unknown image model {model!r}; choose one of {IMAGE_MODELS}")
     solver = IMAGE_RECIPE.train_solver if solver is None else solver
-    shape = tuple(shape)
     if hidden is None:
         hidden = IMAGE_RECIPE.unet_hidden if model == "unet" else IMAGE_RECIPE.hidden
     if model == "multiscale":

@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/examples/images", help="output folder")
     parser.add_argument("--seconds", type=float, default=100.0, help="training time")
     parser.add_argument("--objective", default=IMAGE_RECIPE.objective, help="training objective")
-    parser.add_argument("--model", default=IMAGE_RECIPE.model, help="multiscale or cnf")
+    parser.add_argument("--model", default=None, help="unet (default), cnf (conv field) or multiscale")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on shared cores)")
     parser.add_argument("--quick", action="store_true", help="a few iterations on a tiny model (seconds)")
     parser.add_argument("--seed", type=int, default=0)
@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     test = digits.test[:16] if quick else digits.test
 
     torch.manual_seed(args.seed)
-    hidden = (4,) if quick else IMAGE_RECIPE.hidden
+    hidden = (4,) if quick else None  # None: the recipe's channels for the model
     train_solver = cnf.Solver(method="rk4", step_size=0.5) if quick else IMAGE_RECIPE.train_solver
     flow = image_flow(digits.shape, digits.levels, model=args.model, hidden=hidden, solver=train_solver)
     result = cnf.train(
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": result.step,
         "train_seconds": round(result.seconds, 1),
         "objective": args.objective,
-        "model": args.model,
+        "model": flow.config()["flow"].get("field", {}).get("kind", "multiscale"),
         "test_bits_per_dim": score.mean,
         "test_bits_per_dim_2se": 2 * score.se,
         "test_nfe": score.nfe,

@@ -25,11 +25,11 @@ def test_train_and_evaluate_images_from_a_file(
     out = tmp_path / "run"
     assert main(["train", "--data", str(image_file), "--iters", "2", "--hidden", "4", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["model"] == "cnf" and summary["objective"] == "flow_matching"
+    assert summary["model"] == "unet" and summary["objective"] == "flow_matching"
     assert summary["steps"] == 2 and summary["test_n"] == 4
     assert summary["test_bits_per_dim"] > 7.5  # 256 levels: a uniform model scores 8 bits
     said = capsys.readouterr().out  # what it chose, in one line
-    assert "images (1, 4, 4), 256 levels, 32 training: dequantize -> logit (alpha 0.0001) -> conv CNF 4; " in said
+    assert "images (1, 4, 4), 256 levels, 32 training: dequantize -> logit (alpha 0.0001) -> U-Net CNF 4; " in said
     assert "training flow_matching with lr 0.001, batch 128, cosine schedule, EMA 0.999, validation every 100" in said
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)

@@ -84,3 +84,16 @@ def test_cli_trains_the_unet_on_images_and_refuses_it_on_vectors(
     assert "-> U-Net CNF 4-4; training flow_matching" in capsys.readouterr().out
     assert main(["train", "--data", "moons", "--model", "unet", "--out", str(tmp_path / "v")]) == 2
     assert "--model unet needs integer images (C, H, W); --data 'moons' is vectors" in capsys.readouterr().err
+
+
+def test_the_default_image_model_is_the_unet_where_its_halvings_fit(tmp_path: Path, capsys) -> None:
+    from cnf.images import IMAGE_RECIPE
+
+    assert IMAGE_RECIPE.model_for((1, 28, 28)) == "unet" and IMAGE_RECIPE.model_for((3, 8, 8)) == "unet"
+    assert IMAGE_RECIPE.model_for((1, 6, 6)) == "cnf"  # 6 / 4: the conv field instead
+    assert image_flow((1, 8, 8), 17).config()["flow"]["field"]["hidden"] == list(IMAGE_RECIPE.unet_hidden)
+    assert image_flow((1, 6, 6), 17).config()["flow"]["field"]["kind"] == "conv"
+    path = tmp_path / "odd.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 4, (20, 1, 6, 6)).astype(np.uint8))
+    assert main(["train", "--data", str(path), "--iters", "1", "--hidden", "4", "--out", str(tmp_path / "r")]) == 0
+    assert "-> conv CNF 4; training flow_matching" in capsys.readouterr().out
