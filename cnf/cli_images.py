@@ -38,8 +38,9 @@ from cnf.training import TrainSettings, train
 #: Training seconds of ``cnf train`` on images when no --time-limit is given (as for vectors).
 DEFAULT_TIME_LIMIT = 90.0
 #: Test images ``cnf train`` scores at the end unless --test-n says otherwise: scoring all 10,000 of
-#: Fashion-MNIST with dopri5 at 1e-5 takes ~35 minutes on one CPU thread (~0.2 s an image at 110
-#: evaluations), longer than the default training; `cnf evaluate` scores them all.
+#: Fashion-MNIST with dopri5 at 1e-5 takes ~35 minutes on one CPU thread with the conv field (~0.2 s
+#: an image at 110 evaluations); with the U-Net field 1,000 took ~65 minutes (1,136 evaluations).
+#: `cnf evaluate` scores them all.
 TRAIN_TEST_IMAGES = 1000
 
 def _given(args: argparse.Namespace, name: str) -> Any:

@@ -7,7 +7,7 @@ t = 0, 0.25, 0.5, 0.75, 1 (the same base draws carried along the flow), and late
 interpolation between two test digits, linear and spherical. Nearest-neighbour distances say
 whether the samples are copies of training images.
 
-    python examples/images.py                 # about 2 minutes on 2 CPU cores
+    python examples/images.py                 # about 3 minutes on one thread
     python examples/images.py --quick         # a few seconds
 """
 
