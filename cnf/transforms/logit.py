@@ -20,8 +20,11 @@ import torch.nn.functional as F
 
 from cnf.transforms.base import Transform, check_sample_batch, sum_per_sample
 
-#: RealNVP's margin for image data.
-DEFAULT_ALPHA = 0.05
+#: The margin for tables and vectors in [0, 1] (images: ``cnf.images.IMAGE_RECIPE.alpha``). On
+#: digits, 10 minutes, 3 seeds (``python -m benchmarks.real_data --datasets digits --alpha A``)
+#: every model scored better at 0.01 than at RealNVP's 0.05: cnf's default 1.987 against 2.135
+#: bits/dim, zuko's NSF 2.111 against 2.268, the Gaussian 2.279 against 2.458.
+DEFAULT_ALPHA = 0.01
 
 
 class Logit(Transform):
