@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cnf.data import check_batch
-from cnf.data.checks import _check_positive_int, check_event_shape
+from cnf.data.checks import _check_positive_int, check_image_shape
 from cnf.fields.conv import ConvField
 from cnf.flow import CNF, StandardNormal
 from cnf.solver import Solver, SolveStats
@@ -87,9 +87,7 @@ class MultiScaleCNF(nn.Module):
         solver: Solver | None = None,
     ) -> None:
         super().__init__()
-        shape = check_event_shape(tuple(shape) if isinstance(shape, (list, tuple)) else shape, "shape")
-        if not isinstance(shape, tuple) or len(shape) != 3:
-            raise ValueError(f"shape must be (C, H, W), got {shape!r}")
+        shape = check_image_shape(shape)
         self.scales = _check_positive_int(scales, "scales")
         self.blocks_per_scale = _check_positive_int(blocks, "blocks")
         self.shapes = scale_shapes(shape, self.scales)

@@ -60,6 +60,22 @@ def check_event_shape(dim: object, name: str = "dim") -> int | tuple[int, ...]:
     return _check_positive_int(dim, name)
 
 
+def check_image_shape(shape: object, name: str = "shape") -> tuple[int, ...]:
+    """One image's shape ``(C, H, W)`` of positive ints, as a tuple."""
+    shape = check_event_shape(shape, name)
+    if not isinstance(shape, tuple) or len(shape) != 3:
+        raise ValueError(f"{name} must be (C, H, W), got {shape!r}")
+    return shape
+
+
+def check_channels(hidden: object, name: str = "hidden") -> tuple[int, ...]:
+    """Channels of hidden layers: a non-empty sequence of positive ints, as a tuple."""
+    hidden = tuple(hidden)
+    if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ValueError(f"{name} must be a non-empty sequence of positive ints, got {hidden!r}")
+    return hidden
+
+
 def check_batch(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, name: str = "x") -> torch.Tensor:
     """Validate a batch of points of shape ``(n, dim)`` before a solve; return it unchanged.
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from cnf.data.checks import check_event_shape
+from cnf.data.checks import check_channels, check_image_shape
 from cnf.fields.mlp import ACTIVATIONS, time_column
 
 
@@ -54,12 +54,8 @@ class ConvField(nn.Module):
         kernel_size: int = 3,
     ) -> None:
         super().__init__()
-        shape = check_event_shape(tuple(shape) if isinstance(shape, (list, tuple)) else shape, "shape")
-        if not isinstance(shape, tuple) or len(shape) != 3:
-            raise ValueError(f"shape must be (C, H, W), got {shape!r}")
-        hidden = tuple(hidden)
-        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+        shape = check_image_shape(shape)
+        hidden = check_channels(hidden)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose one of {tuple(ACTIVATIONS)}")
         if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cnf.data.checks import check_event_shape
+from cnf.data.checks import check_channels, check_image_shape
 from cnf.fields.mlp import time_column
 
 
@@ -75,12 +75,8 @@ class UNetField(nn.Module):
         self, shape: Sequence[int], hidden: Sequence[int] = (32, 64, 64), embedding: int = 64
     ) -> None:
         super().__init__()
-        shape = check_event_shape(tuple(shape) if isinstance(shape, (list, tuple)) else shape, "shape")
-        if not isinstance(shape, tuple) or len(shape) != 3:
-            raise ValueError(f"shape must be (C, H, W), got {shape!r}")
-        hidden = tuple(hidden)
-        if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
-            raise ValueError(f"hidden must be a non-empty sequence of positive ints, got {hidden!r}")
+        shape = check_image_shape(shape)
+        hidden = check_channels(hidden)
         if isinstance(embedding, bool) or not isinstance(embedding, int) or embedding < 2:
             raise ValueError(f"embedding must be an int >= 2, got {embedding!r}")
         factor = 2 ** (len(hidden) - 1)
