@@ -548,13 +548,9 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
                    overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
     # k = 1000 on all 10,000 Fashion-MNIST test images outlasts the training: score a capped number
-    test_n = args.test_n or cli_images.TRAIN_TEST_IMAGES
-    if data.test.shape[0] > test_n:
-        print(
-            f"scoring the first {test_n:,} of {data.test.shape[0]:,} test images (--test-n; `cnf evaluate "
-            f"--checkpoint {result.checkpoint} --data {run['data']} --n {data.test.shape[0]}` scores them all)"
-        )
-    metrics = evaluate_vae(vae, data.test[:test_n], k=args.iwae_samples, seed=run["seed"])
+    command = f"cnf evaluate --checkpoint {result.checkpoint} --data {run['data']} --n {data.test.shape[0]}"
+    test = cli_images.first_test_images(data.test, args.test_n, command)
+    metrics = evaluate_vae(vae, test, k=args.iwae_samples, seed=run["seed"])
     summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
                "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
                **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint),
@@ -793,7 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model",
         choices=("cnf", "planar", "vae", "multiscale", "unet"),
         default=None,
-        help="default cnf (on images: the conv field; unet and multiscale: images only)",
+        help="default cnf (images: unet where its halvings fit, else cnf, the conv field; unet and "
+        "multiscale: images only)",
     )
     p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(

@@ -30,6 +30,7 @@ from cnf.images import (
     dequantization_levels,
     evaluate_bits_per_dim,
     image_flow,
+    image_model,
     set_solver,
 )
 from cnf.solver import Solver
@@ -42,6 +43,15 @@ DEFAULT_TIME_LIMIT = 90.0
 #: an image at 110 evaluations); with the U-Net field 1,000 took ~65 minutes (1,136 evaluations).
 #: `cnf evaluate` scores them all.
 TRAIN_TEST_IMAGES = 1000
+
+def first_test_images(test: torch.Tensor, test_n: int | None, evaluate_command: str) -> torch.Tensor:
+    """The test images ``cnf train`` scores at the end: the first ``test_n`` (default
+    :data:`TRAIN_TEST_IMAGES`), saying so, with the command that scores them all, when that is fewer."""
+    test_n = test_n or TRAIN_TEST_IMAGES
+    if test.shape[0] > test_n:
+        print(f"scoring the first {test_n:,} of {test.shape[0]:,} test images (--test-n; `{evaluate_command}` scores them all)")
+    return test[:test_n]
+
 
 def _given(args: argparse.Namespace, name: str) -> Any:
     """The option's value if the user set it (the train flags default to None), else None."""
@@ -103,8 +113,7 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
     flow = build_image_model(args, splits)
-    inner = flow.config()["flow"]
-    model = "unet" if (inner.get("field") or {}).get("kind") == "unet" else inner["kind"]
+    model = image_model(flow)
     # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
     objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
@@ -129,13 +138,10 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     print(describe_image_run(flow, splits, settings, torch.get_num_threads()))
     result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True)
     set_solver(flow, IMAGE_RECIPE.eval_solver)
-    test_n = _given(args, "test_n") or TRAIN_TEST_IMAGES
-    if splits.test.shape[0] > test_n:
-        print(
-            f"scoring the first {test_n:,} of {splits.test.shape[0]:,} test images (--test-n; "
-            f"`cnf evaluate --checkpoint {result.checkpoint} --data {args.data}` scores them all)"
-        )
-    score = evaluate_bits_per_dim(flow, splits.test[:test_n])
+    test = first_test_images(
+        splits.test, _given(args, "test_n"), f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
+    )
+    score = evaluate_bits_per_dim(flow, test)
     summary = {
         "data": args.data,
         "model": model,
@@ -169,10 +175,7 @@ def describe_image_run(flow: nn.Module, splits: ImageSplits, settings: TrainSett
         for t in config.get("preprocess", {}).get("transforms", [])
     )
     hidden = "-".join(str(h) for h in field.get("hidden", inner.get("hidden", [])))
-    if inner["kind"] == "cnf":
-        model = "U-Net CNF" if field.get("kind") == "unet" else "conv CNF"
-    else:
-        model = f"{inner['kind']} CNF"
+    model = {"unet": "U-Net CNF", "cnf": "conv CNF"}.get(image_model(flow), f"{inner['kind']} CNF")
     val_size = min(settings.val_size, splits.val.shape[0])
     return (
         f"images {tuple(splits.shape)}, {splits.levels} levels, {splits.train.shape[0]:,} training: "

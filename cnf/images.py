@@ -138,6 +138,12 @@ def image_flow(
     return TransformedFlow(inner, Compose(Dequantize(levels), Logit(alpha)))
 
 
+def image_model(flow: nn.Module) -> str:
+    """Which of :data:`IMAGE_MODELS` an :func:`image_flow` is (``unet``, ``cnf`` or ``multiscale``)."""
+    inner = flow.config()["flow"]
+    return "unet" if (inner.get("field") or {}).get("kind") == "unet" else inner["kind"]
+
+
 def set_solver(flow: nn.Module, solver: Solver) -> None:
     """Give a (possibly wrapped) CNF or multi-scale CNF new solver settings."""
     inner = getattr(flow, "flow", flow)

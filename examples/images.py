@@ -28,6 +28,7 @@ from cnf.images import (
     IMAGE_RECIPE,
     evaluate_bits_per_dim,
     image_flow,
+    image_model,
     nearest_neighbour_distances,
     set_solver,
 )
@@ -95,7 +96,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": result.step,
         "train_seconds": round(result.seconds, 1),
         "objective": args.objective,
-        "model": flow.config()["flow"].get("field", {}).get("kind", "multiscale"),
+        "model": image_model(flow),
         "test_bits_per_dim": score.mean,
         "test_bits_per_dim_2se": 2 * score.se,
         "test_nfe": score.nfe,
