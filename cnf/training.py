@@ -412,7 +412,9 @@ def train(
     loss_fn = settings.loss_function()
     if cluster.distributed and settings.objective == "ot_flow_matching":  # one assignment, global batch
         loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)
-    optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    # foreach: one call per step for all parameters (torch picks it by default on CUDA only); on
+    # CPU it takes the per-parameter Python loop out of a step that is short for flow matching.
+    optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
 
     if out is not None and not cluster.is_main:  # rank 0 alone owns, locks and writes the run folder
         out_dir, lock = Path(out), None
@@ -598,7 +600,7 @@ def _train_loop(
             try:
                 if cluster.distributed:
                     local = SIGNAL if stop.signal_name else TIME_LIMIT if time.perf_counter() >= deadline else CONTINUE
-                    loss, nfe_forward, agreed, reporter = _agreed_forward(
+                    loss, nfe_forward, agreed, reporter, logged = _agreed_forward(
                         cluster, step_loss, batch, {**batch_context, **settings.loss_kwargs(step)}, flow, step, local
                     )
                     if agreed == SIGNAL:  # every rank stops as interrupted, rank 0 checkpoints below
@@ -636,7 +638,7 @@ def _train_loop(
                     "(try a smaller learning rate, a looser solver tolerance or regularisation)",
                     error,
                 )
-            grads_finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in flow.parameters())
+            grads_finite = _all_finite([p.grad for p in flow.parameters() if p.grad is not None])
             if not grads_finite:
                 save_then_fail(f"training stopped at step {step + 1}: gradients became NaN/Inf")
             nfe_backward = getattr(getattr(flow, "stats", None), "nfe_backward", 0)
@@ -650,7 +652,9 @@ def _train_loop(
             durations.append(time.perf_counter() - step_start)
             loss_value = loss.item()
             if cluster.distributed:  # the log holds the means over ranks (the global batch's loss)
-                loss_value, nfe_forward, nfe_backward = cluster.mean([loss_value, nfe_forward, nfe_backward])
+                loss_value, nfe_forward = logged  # averaged by the agreement's collective
+                if nfe_backward:  # adjoint solves only, on every rank alike: one more collective
+                    (nfe_backward,) = cluster.mean([nfe_backward])
             record: dict[str, Any] = {
                 "step": step,
                 "seconds": round(elapsed, 4),
@@ -759,6 +763,13 @@ class EarlyStopping:
         return self.best
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite: one check (and one sync) for all of them."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.cat([t.reshape(-1) for t in tensors])).all())
+
+
 def _agreed_forward(
     cluster: Cluster,
     step_loss: nn.Module,
@@ -767,9 +778,10 @@ def _agreed_forward(
     flow: nn.Module,
     step: int,
     stop_code: int,
-) -> tuple[torch.Tensor | None, int, int, int]:
+) -> tuple[torch.Tensor | None, int, int, int, list[float]]:
     """One rank's forward pass, then the agreement of all ranks (:meth:`Cluster.agree`) before any
-    of them enters the gradient all-reduce: ``(loss, nfe, code, rank)`` with code CONTINUE to go on,
+    of them enters the gradient all-reduce: ``(loss, nfe, code, rank, [mean loss, mean nfe])``
+    (the means over ranks, for the log, ride on the same collective) with code CONTINUE to go on,
     TIME_LIMIT or SIGNAL (loss None) when some rank reached the time limit or got a signal; a NaN,
     failed solve or error on any rank raises TrainingError on every rank, naming the rank and the cause."""
     code, failure, loss, nfe = stop_code, None, None, 0
@@ -783,11 +795,12 @@ def _agreed_forward(
             code, failure = SOLVER_FAILED, str(error)
         except Exception as error:  # the other ranks must hear of it before they wait for our gradients
             code, failure = FAILED, f"{type(error).__name__}: {error}"
-    agreed, reporter = cluster.agree(code)
+    value = loss.item() if code == CONTINUE and loss is not None else 0.0
+    agreed, reporter, logged = cluster.agree(code, [value, nfe])
     if agreed in (TIME_LIMIT, SIGNAL):
-        return None, 0, agreed, reporter
+        return None, 0, agreed, reporter, logged
     if agreed != CONTINUE:
         if failure is not None and reporter == cluster.rank:
             raise TrainingError(f"{cluster.describe()}: {failure}")
         raise TrainingError(cluster.cause(agreed, reporter))
-    return loss, nfe, agreed, reporter
+    return loss, nfe, agreed, reporter, logged

@@ -221,3 +221,26 @@ def test_large_batches_are_scored_in_chunks_with_and_without_gradients() -> None
         torch.testing.assert_close(flow.log_prob(x), whole.detach(), rtol=1e-12, atol=1e-12)
     assert max(seen) <= 20 and flow.stats.nfe_forward == 3 * 16
     assert BY_OBJECTIVE["likelihood"]["batch_size"] < cnf.CNF.grad_chunk_size  # training is never chunked
+
+
+def test_non_finite_gradients_stop_training_and_keep_the_checkpoint(tmp_path: Path) -> None:
+    """A finite loss whose gradient is infinite in ONE parameter (the last one checked) stops the
+    run with an error that says so, after the last good weights were written."""
+    from cnf.training import TrainingError, _all_finite
+
+    assert _all_finite([]) and _all_finite([torch.zeros(3), torch.ones(2, 2)])
+    assert not _all_finite([torch.zeros(3), torch.tensor([[1.0, float("inf")]])])
+    assert not _all_finite([torch.tensor([float("nan")]), torch.zeros(2)])
+    torch.manual_seed(0)
+    flow = cnf.CNF(cnf.MLPField(2, hidden=(8,)))
+    last = list(flow.parameters())[-1]
+    calls = {"n": 0}
+
+    def poison_after_two_steps(grad: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] > 2 else grad
+
+    last.register_hook(poison_after_two_steps)
+    with pytest.raises(TrainingError, match="step 3: gradients became NaN/Inf"):
+        train(flow, load_data("moons", n=256, seed=0), iters=5, batch_size=32, out=tmp_path / "run", progress=False)
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2
