@@ -88,6 +88,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["samples"] == one[r["objective"]]["samples"] for r in per_rank)  # same samples seen
         assert all(r["speedup"] > 0 and r["diff_se"] > 0 for r in payload["rows"] if r["processes"] == 2)
         assert payload["assignment"][0]["global_ms"] > 0
+        ceilings = payload["ceilings"]
+        assert {(c["objective"], c["global_batch"]) for c in ceilings} == {("likelihood", 64), ("flow_matching", 64)}
+        assert all(c["ceiling"] == pytest.approx(c["one_process_ms"] / c["one_rank_share_ms"]) for c in ceilings)
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
         assert {"gaussian", "gmm", "kde", "cnf-default", "cnf-ml", "cnf-rnode"} <= set(models)
