@@ -101,7 +101,7 @@ def test_recipes_by_dimension() -> None:
     assert model_recipe(64, "tabular")["divergence"] == "hutchinson"
     assert model_recipe(64, "tabular")["noise"] == "rademacher"
     assert default_objective(64, "tabular") == "ot_flow_matching"
-    assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 1e-3
+    assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 3e-3
     # images: the EMA'd weights; large images validate on 500 images every 1,000 steps, so that
     # validation stays ~10 % of training (digits, 64 pixels, keep every 100 steps on all 180)
     digits, fashion = recipe("flow_matching", 64, "image"), recipe("flow_matching", 784, "image")
