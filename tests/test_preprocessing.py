@@ -102,6 +102,12 @@ def test_recipes_by_dimension() -> None:
     assert model_recipe(64, "tabular")["noise"] == "rademacher"
     assert default_objective(64, "tabular") == "ot_flow_matching"
     assert recipe("ot_flow_matching", 64, "tabular")["lr"] == 3e-3
+    # small tables validate flow matching every 100 steps (they overfit within ~500), others every 500
+    assert recipe("ot_flow_matching", 30, "tabular", n_train=455)["val_every"] == 100
+    assert recipe("ot_flow_matching", 64, "tabular", n_train=1437)["val_every"] == 500
+    assert recipe("ot_flow_matching", 30, "tabular")["val_every"] == 500
+    assert recipe("likelihood", 30, "tabular", n_train=455)["val_every"] == 50
+    assert recipe("likelihood", 2, "toy", n_train=455)["val_every"] == 100
     # images: the EMA'd weights; large images validate on 500 images every 1,000 steps, so that
     # validation stays ~10 % of training (digits, 64 pixels, keep every 100 steps on all 180)
     digits, fashion = recipe("flow_matching", 64, "image"), recipe("flow_matching", 784, "image")
@@ -126,3 +132,18 @@ def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> Non
     expected = reference.log_prob((x - 1) / 2) - 3 * np.log(2.0)
     torch.testing.assert_close(scored, expected, atol=1e-7, rtol=0)
     assert inner.divergence == "hutchinson" and inner.solver == training
+
+
+def test_cli_also_scores_the_best_validation_weights(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """When best.pt holds other weights than the last ones, `cnf train` scores it too, and the
+    number equals `cnf evaluate` on best.pt (the same test split and dequantisation draws)."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "wine"
+    args = ["--iters", "6", "--val-every", "2", "--hidden", "8", "--rtol", "1e-2", "--atol", "1e-2", "--lr", "0.5"]
+    assert main(["train", "--data", "wine", "--out", str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["best_step"] in (2, 4)  # lr 0.5: the last weights are not the best ones
+    assert f"best validation weights: test NLL {summary['best_test_nll']:.4f}" in printed
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--data", "wine", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nll"] == pytest.approx(summary["best_test_nll"], rel=1e-6)
