@@ -116,7 +116,7 @@ def worker_argv(args: argparse.Namespace, out: Path, threads: int, seed: int, pe
         "--worker", "--out", str(out), "--threads", str(threads), "--seed", str(seed),
         "--objectives", *args.objectives, "--ml-steps", str(args.ml_steps), "--fm-steps", str(args.fm_steps),
         "--n-train", str(args.n_train), "--hidden", *map(str, args.hidden), "--device", args.device,
-    ]  # fmt: skip
+    ] + (["--ml-batch", str(args.ml_batch)] if args.ml_batch is not None else [])  # fmt: skip
 
 
 def run_config(
@@ -206,6 +206,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--objectives", nargs="+", default=None, choices=list(OBJECTIVES), help="default: all (--quick: ML, OT-FM)"
     )
     parser.add_argument("--ml-steps", type=int, default=80)
+    parser.add_argument(
+        "--ml-batch", type=int, default=None, help="global batch of maximum likelihood (default 256)"
+    )
     parser.add_argument("--fm-steps", type=int, default=400)
     parser.add_argument("--n-train", type=int, default=20_000)
     parser.add_argument("--n-test", type=int, default=5_000)
@@ -213,11 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, default=2, help="processes of the multi-process configuration")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda for --nproc GPUs")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--name", default="distributed", help="results file name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--per-rank", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ml_batch is not None:  # the workers are started with the same flag
+        OBJECTIVES["likelihood"] = {**OBJECTIVES["likelihood"], "batch": args.ml_batch}
     if args.worker:
         worker(args)
         return 0
@@ -268,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows.append(row)
     sizes = (64, 128) if args.quick else (128, 256, 512, 1024)
     costs = assignment_costs(sizes, args.nproc, repeats=3 if args.quick else 7)
-    ceilings = speedup_ceilings((64,) if args.quick else (256, 1024, 4096), args.nproc, cores, args.hidden, args.quick)
+    sizes = (64,) if args.quick else tuple(sorted({256, 1024, 4096, OBJECTIVES["likelihood"]["batch"]}))
+    ceilings = speedup_ceilings(sizes, args.nproc, cores, args.hidden, args.quick)
     columns = [
         "round", "objective", "config", "steps", "samples", "samples_per_s", "speedup",
         "test_nll", "test_nll_se", "nll_minus_1proc", "diff_se", "within_2se", "within_2se_unpaired",
@@ -291,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "note": "shared 2-core machine: other jobs may have run beside these (rounds interleaved)",
     }
     out = Path(args.out) if args.out else RESULTS
-    path = write_results("distributed", rows, columns, meta, out)
+    path = write_results(args.name, rows, columns, meta, out)
     with path.open("a") as handle:
         handle.write("\nExact OT assignment (scipy linear_sum_assignment, 2-D points), median ms:\n\n")
         handle.write(
