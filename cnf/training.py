@@ -650,11 +650,12 @@ def _train_loop(
             step += 1
             elapsed = time.perf_counter() - start
             durations.append(time.perf_counter() - step_start)
-            loss_value = loss.item()
             if cluster.distributed:  # the log holds the means over ranks (the global batch's loss)
                 loss_value, nfe_forward = logged  # averaged by the agreement's collective
                 if nfe_backward:  # adjoint solves only, on every rank alike: one more collective
                     (nfe_backward,) = cluster.mean([nfe_backward])
+            else:
+                loss_value = loss.item()
             record: dict[str, Any] = {
                 "step": step,
                 "seconds": round(elapsed, 4),
