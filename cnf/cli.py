@@ -498,13 +498,10 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
         + (f"; true NLL {true_nll:.4f}, excess {metrics['nll'] - true_nll:.4f}\n" if true_nll else "\n")
         + f"checkpoint: {result.checkpoint}{best}"
-        + (
-            f"\nbest validation weights: test NLL {best_metrics['nll']:.4f}"
-            + (f", {best_metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in best_metrics else "")
-            if best_metrics is not None
-            else ""
-        )
     )
+    if best_metrics is not None:
+        bits = f", {best_metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in best_metrics else ""
+        print(f"best validation weights: test NLL {best_metrics['nll']:.4f}{bits}")
     if args.plot:
         from cnf.plots import plot_all
 
