@@ -101,6 +101,8 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-ml-lr5e-3": {**CNF_RECIPES["cnf-ml"], "lr": 5e-3},
     "cnf-ml-64x3": {**CNF_RECIPES["cnf-ml"], "hidden": (64, 64, 64)},
     "cnf-fm": {**CNF_RECIPES["cnf-otfm"], "objective": "flow_matching"},
+    "cnf-fm-lr3e-3": {**CNF_RECIPES["cnf-otfm"], "objective": "flow_matching", "lr": 3e-3},
+    "cnf-fm-1024": {**CNF_RECIPES["cnf-otfm"], "objective": "flow_matching", "batch_size": 1024},
     "cnf-otfm-lr3e-3": {**CNF_RECIPES["cnf-otfm"], "lr": 3e-3},  # today's cnf-default on tables
     "cnf-otfm-lr5e-3": {**CNF_RECIPES["cnf-otfm"], "lr": 5e-3},
     "cnf-otfm-lr1e-2": {**CNF_RECIPES["cnf-otfm"], "lr": 1e-2},
