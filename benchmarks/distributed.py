@@ -46,6 +46,7 @@ import torch
 from benchmarks.common import RESULTS, markdown_table, write_results
 from cnf import CNF, MLPField, Solver, distributed
 from cnf.checkpoint import load_checkpoint
+from cnf.cli import positive_int
 from cnf.data import load_data
 from cnf.losses import ot_pairing
 from cnf.training import train
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--ml-steps", type=int, default=80)
     parser.add_argument(
-        "--ml-batch", type=int, default=None, help="global batch of maximum likelihood (default 256)"
+        "--ml-batch", type=positive_int, default=None, help="global batch of maximum likelihood (default 256)"
     )
     parser.add_argument("--fm-steps", type=int, default=400)
     parser.add_argument("--n-train", type=int, default=20_000)
