@@ -79,6 +79,7 @@ TRAIN_FLAGS = (
     "kinetic_weight",
     "jacobian_weight",
     "sigma_min",
+    "time_exponent",
     "ema_decay",
     "seed",
 )
@@ -850,6 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--jacobian-weight", type=float, default=None, help="RNODE Jacobian-norm weight (0.01 in the paper)"
     )
     p.add_argument("--sigma-min", type=float, default=None, help="flow-matching path width at t=1")
+    p.add_argument(
+        "--time-exponent", type=positive_float, default=None, metavar="K",
+        help="flow matching: training times t = 1 - (1 - u)^K, u uniform (1: uniform; the real-data "
+        "recipe's default is printed before training)",
+    )  # fmt: skip
     p.add_argument(
         "--preprocess",
         default="auto",

@@ -55,7 +55,14 @@ from cnf.distributed import (
     threads_per_process,
 )
 from cnf.ema import ExponentialMovingAverage
-from cnf.losses import DEFAULT_SIGMA_MIN, OBJECTIVES, Loss, kl_warmup_weight, make_objective
+from cnf.losses import (
+    DEFAULT_SIGMA_MIN,
+    DEFAULT_TIME_EXPONENT,
+    OBJECTIVES,
+    Loss,
+    kl_warmup_weight,
+    make_objective,
+)
 from cnf.outputs import (
     RunLock,
     append_line,
@@ -91,7 +98,8 @@ class TrainSettings:
 
     ``objective`` is ``likelihood`` (maximum likelihood; with ``kinetic_weight`` /
     ``jacobian_weight`` > 0 it is RNODE, Finlay et al. 2020), ``flow_matching`` or
-    ``ot_flow_matching`` (no ODE solve per step; ``sigma_min`` of the path), see
+    ``ot_flow_matching`` (no ODE solve per step; ``sigma_min`` of the path, ``time_exponent`` k of
+    its training times t ~ Beta(1, 1/k)), see
     :mod:`cnf.losses`. ``iters=None`` means no step cap (then ``time_limit`` is required).
     ``ema_decay`` keeps an exponential moving average of the weights, which is validated,
     checkpointed and left in the flow at the end. :func:`cnf.recipes.recipe` gives the
@@ -109,6 +117,7 @@ class TrainSettings:
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
     sigma_min: float = DEFAULT_SIGMA_MIN
+    time_exponent: float = DEFAULT_TIME_EXPONENT
     time_limit: float | None = None
     lr_schedule: str = "constant"
     lr_horizon: float | None = None
@@ -162,6 +171,7 @@ class TrainSettings:
         return (
             f"{self.objective} with lr {self.lr:g}, batch {self.batch_size}, {self.lr_schedule} schedule"
             + (f", EMA {self.ema_decay:g}" if self.ema_decay else "")
+            + (f", times t ~ Beta(1, 1/{self.time_exponent:g})" if self.time_exponent != DEFAULT_TIME_EXPONENT else "")
         )
 
     def loss_kwargs(self, step: int) -> dict[str, Any]:
@@ -198,6 +208,7 @@ class TrainSettings:
             kinetic_weight=self.kinetic_weight,
             jacobian_weight=self.jacobian_weight,
             sigma_min=self.sigma_min,
+            time_exponent=self.time_exponent,
         )
 
 

@@ -50,7 +50,7 @@ def gaussian_data(n: int, seed: int) -> torch.Tensor:
 
 
 def fm_gradients(
-    shift: float, gain: float, batches: int = 16, n: int = 20_000
+    shift: float, gain: float, batches: int = 16, n: int = 20_000, time_exponent: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and standard error over independent batches of the FM-loss gradient."""
     flow = cnf.CNF(GaussianMarginalField(shift, gain)).double()
@@ -58,7 +58,11 @@ def fm_gradients(
     for b in range(batches):
         flow.zero_grad()
         loss = flow_matching_loss(
-            flow, gaussian_data(n, b), sigma_min=SIGMA_MIN, generator=torch.Generator().manual_seed(100 + b)
+            flow,
+            gaussian_data(n, b),
+            sigma_min=SIGMA_MIN,
+            time_exponent=time_exponent,
+            generator=torch.Generator().manual_seed(100 + b),
         )
         loss.backward()
         grads.append(torch.stack([flow.field.shift.grad, flow.field.gain.grad]))
@@ -66,12 +70,59 @@ def fm_gradients(
     return grads.mean(0), grads.std(0) / math.sqrt(batches)
 
 
-def test_flow_matching_gradient_vanishes_at_the_exact_marginal_field() -> None:
-    mean, stderr = fm_gradients(1.0, 1.0)
+@pytest.mark.parametrize("time_exponent", [1.0, 2.0])
+def test_flow_matching_gradient_vanishes_at_the_exact_marginal_field(time_exponent: float) -> None:
+    # Any draw of the training times has the same minimiser: the marginal field at every t.
+    mean, stderr = fm_gradients(1.0, 1.0, time_exponent=time_exponent)
     assert (mean.abs() < 4 * stderr).all(), (mean, stderr)
     # A perturbed field is clearly not a stationary point: the test can tell the difference.
-    mean, stderr = fm_gradients(1.1, 1.3)
+    mean, stderr = fm_gradients(1.1, 1.3, time_exponent=time_exponent)
     assert (mean.abs() > 10 * stderr).all(), (mean, stderr)
+
+
+class TimeRecorder(nn.Module):
+    """A zero field that keeps the times it was called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.dim = 2
+        self.times: list[torch.Tensor] = []
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        self.times.append(t.detach().clone())
+        return self.weight * x
+
+
+def test_time_exponent_draws_training_times_from_beta_one_over_k() -> None:
+    from scipy import stats
+
+    uniform = TimeRecorder()
+    flow_matching_loss(cnf.CNF(uniform), torch.zeros(20_000, 2), generator=torch.Generator().manual_seed(0))
+    skewed = TimeRecorder()
+    flow_matching_loss(
+        cnf.CNF(skewed), torch.zeros(20_000, 2), time_exponent=2.0, generator=torch.Generator().manual_seed(0)
+    )
+    t1, t2 = uniform.times[0].double().numpy(), skewed.times[0].double().numpy()
+    # k = 1 is the uniform draw; k = 2 is the same u mapped to 1 - (1 - u)^2, i.e. Beta(1, 1/2).
+    assert stats.kstest(t1, "uniform").pvalue > 1e-3
+    assert abs(t2 - (1 - (1 - t1) ** 2)).max() < 1e-6
+    assert stats.kstest(t2, stats.beta(1, 0.5).cdf).pvalue > 1e-3
+    assert stats.kstest(t2, "uniform").pvalue < 1e-12  # the test can tell the two draws apart
+    assert t2.mean() > 0.6  # E[t] = 2/3 under Beta(1, 1/2), 1/2 uniform
+
+
+def test_time_exponent_is_checked_and_only_for_flow_matching() -> None:
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=f"time_exponent must be a positive float, got {bad!r}"):
+            make_objective("flow_matching", time_exponent=bad)
+    with pytest.raises(TypeError, match="time_exponent must be a positive float, got True"):
+        make_objective("flow_matching", time_exponent=True)
+    with pytest.raises(ValueError, match="time_exponent=2.0 applies only to flow matching.*'likelihood'"):
+        cnf.TrainSettings(objective="likelihood", time_exponent=2.0)
+    assert cnf.TrainSettings(objective="ot_flow_matching", time_exponent=2.0).time_exponent == 2.0
+    with pytest.raises(SystemExit):
+        main(["train", "--objective", "flow_matching", "--time-exponent", "0", "--iters", "1"])
 
 
 def test_conditional_path_endpoints_and_velocity() -> None:
