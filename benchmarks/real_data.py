@@ -57,7 +57,7 @@ from cnf.data.real import REAL_DATASETS, load_real
 from cnf.ema import ExponentialMovingAverage
 from cnf.recipes import EVALUATION_SOLVER, default_objective, model_recipe, recipe
 from cnf.training import TrainSettings
-from cnf.transforms import DEFAULT_ALPHA, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.transforms import DEFAULT_ALPHA, Dequantize, TransformedFlow, bits_per_dim, choose_preprocessing
 
 EVAL_TOL = EVALUATION_SOLVER["rtol"]
 VAL_TOL = 1e-4  # model selection needs ranking, not the last digit
@@ -104,6 +104,10 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-fm-lr3e-3": {**CNF_RECIPES["cnf-otfm"], "objective": "flow_matching", "lr": 3e-3},
     "cnf-fm-1024": {**CNF_RECIPES["cnf-otfm"], "objective": "flow_matching", "batch_size": 1024},
     "cnf-otfm-lr3e-3": {**CNF_RECIPES["cnf-otfm"], "lr": 3e-3},  # today's cnf-default on tables
+    # the training-time exponent k (t = 1 - (1 - u)^k) at lr 3e-3; k = 1 is cnf-otfm-lr3e-3
+    "cnf-otfm-t05": {**CNF_RECIPES["cnf-otfm"], "lr": 3e-3, "time_exponent": 0.5},
+    "cnf-otfm-t2": {**CNF_RECIPES["cnf-otfm"], "lr": 3e-3, "time_exponent": 2.0},
+    "cnf-otfm-t3": {**CNF_RECIPES["cnf-otfm"], "lr": 3e-3, "time_exponent": 3.0},
     "cnf-otfm-lr5e-3": {**CNF_RECIPES["cnf-otfm"], "lr": 5e-3},
     "cnf-otfm-lr1e-2": {**CNF_RECIPES["cnf-otfm"], "lr": 1e-2},
     "cnf-otfm-512x3": {**CNF_RECIPES["cnf-otfm"], "hidden": (512, 512, 512)},
@@ -221,7 +225,7 @@ def run_baseline(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 # -- flows ---------------------------------------------------------------------------------------
-def build_flow(name: str, dim: int, quick: bool) -> tuple[nn.Module, dict[str, Any]]:
+def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """The inner flow (on preprocessed data) and its training options."""
     small = (16, 16) if quick else None
     if name.startswith("zuko-"):
@@ -239,7 +243,7 @@ def build_flow(name: str, dim: int, quick: bool) -> tuple[nn.Module, dict[str, A
         if quick:
             flow.transform.atol = flow.transform.rtol = 1e-3
         return ZukoFlow(flow, dim, "cnf", (0, 0)), {"lr": 1e-3, "batch_size": 256}
-    recipe = default_recipe(dim) if name == "cnf-default" else {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
+    recipe = default_recipe(dim, dequantized) if name == "cnf-default" else {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
     field = MLPField(dim, hidden=small or tuple(recipe["hidden"]))
     flow = CNF(
@@ -250,21 +254,23 @@ def build_flow(name: str, dim: int, quick: bool) -> tuple[nn.Module, dict[str, A
     )
     options = {
         k: recipe[k]
-        for k in ("lr", "batch_size", "objective", "kinetic_weight", "jacobian_weight")
+        for k in ("lr", "batch_size", "objective", "kinetic_weight", "jacobian_weight", "time_exponent")
         if k in recipe
     }
     options["ema_decay"] = recipe.get("ema_decay")
     return flow, options
 
 
-def default_recipe(dim: int) -> dict[str, Any]:
+def default_recipe(dim: int, dequantized: bool = False) -> dict[str, Any]:
     """What ``cnf train --data NAME`` uses with no flags: cnf.recipes for this dimension."""
     model = model_recipe(dim, "tabular")
     objective = default_objective(dim, "tabular")
-    settings = recipe(objective, dim, "tabular")
+    settings = recipe(objective, dim, "tabular", dequantized=dequantized)
     solver = {k: model[k] for k in ("method", "rtol", "atol")}
     options = {
-        k: settings[k] for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight") if k in settings
+        k: settings[k]
+        for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight", "time_exponent")
+        if k in settings
     }
     return {
         "objective": objective,
@@ -311,7 +317,7 @@ def mean_nll(flow: nn.Module, x: torch.Tensor, seed: int, tol: float) -> float:
 
 def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    inner, options = build_flow(name, ctx["dim"], ctx["quick"])
+    inner, options = build_flow(name, ctx["dim"], ctx["quick"], ctx["dequantized"])
     model = TransformedFlow(inner, copy.deepcopy(ctx["preprocess"]))
     ema_decay = options.pop("ema_decay", None)
     settings = TrainSettings(
@@ -411,6 +417,7 @@ def dataset_context(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "logdet_test": logdet_test,
         "dim": data.dim,
         "preprocess": preprocess,
+        "dequantized": isinstance(next(preprocess.leaves()), Dequantize),
         "notes": notes,
         "levels": data.levels,
         "licence": data.licence,

@@ -250,7 +250,10 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
     flow = preprocessed(args, run["data"], model, splits[0])
     objective = args.objective or default_objective(dim, data_kind)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-    base = recipe(objective, dim, data_kind, time_limit=time_limit, n_train=splits[0].shape[0])
+    dequantized = getattr(flow, "bin_width", None) is not None
+    base = recipe(
+        objective, dim, data_kind, time_limit=time_limit, n_train=splits[0].shape[0], dequantized=dequantized
+    )
     settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     run["data_kind"] = data_kind
     return run, flow, settings, list(splits), contexts

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cnf.checkpoint import read_checkpoint
 from cnf.cli import main
 from cnf.data import sample_toy
 from cnf.transforms import Dequantize, Logit, Standardize, Whiten, choose_preprocessing
@@ -108,12 +109,36 @@ def test_recipes_by_dimension() -> None:
     assert recipe("ot_flow_matching", 30, "tabular")["val_every"] == 500
     assert recipe("likelihood", 30, "tabular", n_train=455)["val_every"] == 50
     assert recipe("likelihood", 2, "toy", n_train=455)["val_every"] == 100
+    # flow matching on continuous tables trains more near the data (t ~ Beta(1, 1/2)); dequantised
+    # tables (digits), other objectives, the toys and images keep uniform times
+    assert recipe("ot_flow_matching", 7, "tabular")["time_exponent"] == 2.0
+    assert recipe("flow_matching", 13, "tabular", n_train=142)["time_exponent"] == 2.0
+    assert "time_exponent" not in recipe("ot_flow_matching", 64, "tabular", dequantized=True)
+    assert "time_exponent" not in recipe("likelihood", 7, "tabular")
+    assert "time_exponent" not in recipe("ot_flow_matching", 2, "toy")
+    assert "time_exponent" not in recipe("flow_matching", 64, "image")
     # images: the EMA'd weights; large images validate on 500 images every 1,000 steps, so that
     # validation stays ~10 % of training (digits, 64 pixels, keep every 100 steps on all 180)
     digits, fashion = recipe("flow_matching", 64, "image"), recipe("flow_matching", 784, "image")
     assert digits["ema_decay"] == fashion["ema_decay"] == 0.999
     assert digits["val_every"] == 100 and "val_size" not in digits
     assert fashion["val_every"] == 1000 and fashion["val_size"] == 500
+
+
+def test_cli_picks_the_time_exponent_by_whether_the_table_is_dequantised(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("sklearn")
+    tiny = ["--iters", "2", "--hidden", "8", "--val-every", "1"]
+    assert main(["train", "--data", "wine", "--out", str(tmp_path / "wine"), *tiny]) == 0
+    assert "times t ~ Beta(1, 1/2)" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "wine" / "checkpoint.pt")["settings"]["time_exponent"] == 2.0
+    assert main(["train", "--data", "digits", "--out", str(tmp_path / "digits"), *tiny]) == 0
+    assert "times t ~" not in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "digits" / "checkpoint.pt")["settings"]["time_exponent"] == 1.0
+    given = ["--time-exponent", "3", "--out", str(tmp_path / "given")]
+    assert main(["train", "--data", "digits", *given, *tiny]) == 0  # a flag overrides the recipe
+    assert read_checkpoint(tmp_path / "given" / "checkpoint.pt")["settings"]["time_exponent"] == 3.0
 
 
 def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> None:
@@ -140,6 +165,7 @@ def test_cli_also_scores_the_best_validation_weights(tmp_path: Path, capsys: pyt
     pytest.importorskip("sklearn")
     out = tmp_path / "wine"
     args = ["--iters", "6", "--val-every", "2", "--hidden", "8", "--rtol", "1e-2", "--atol", "1e-2", "--lr", "0.5"]
+    args += ["--time-exponent", "1"]  # a run whose last weights are known not to be its best
     assert main(["train", "--data", "wine", "--out", str(out), *args]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
