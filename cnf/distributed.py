@@ -205,7 +205,7 @@ class Cluster:
         if not self.distributed:
             return code, self.rank, [float(v) for v in values]
         local = torch.tensor([[float(code), *map(float, values)]], dtype=torch.float64)
-        rows = _gather_rows(local, self.world_size)  # (world_size, 1 + len(values)), rank order
+        rows = gather_rows(local, self.world_size)  # (world_size, 1 + len(values)), rank order
         codes = [int(c) for c in rows[:, 0].tolist()]
         worst = max(codes)
         return worst, codes.index(worst), rows[:, 1:].mean(dim=0).tolist()
@@ -274,7 +274,8 @@ class LossModule(nn.Module):
 
 
 # -- global optimal-transport coupling -------------------------------------------------------------
-def _gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
+def gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Every rank's ``local`` concatenated along the first dimension, in rank order."""
     device = _collective_device()
     local_on = local.detach().contiguous().to(device)
     gathered = [torch.empty_like(local_on) for _ in range(world_size)]
@@ -299,11 +300,11 @@ def global_ot_pairing(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor 
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
     # one all-gather for both (a collective costs a round trip), split again below
-    both = _gather_rows(torch.stack([x0, x1.to(x0.dtype)], dim=1), world)
+    both = gather_rows(torch.stack([x0, x1.to(x0.dtype)], dim=1), world)
     all_x0, all_x1 = both[:, 0], both[:, 1]
     all_context = None
     if context is not None:
-        all_context = context if context.shape[0] == 1 else _gather_rows(context, world)
+        all_context = context if context.shape[0] == 1 else gather_rows(context, world)
     device = _collective_device()
     if rank == 0:
         perm = ot_pairing_within_contexts(all_x0, all_x1, all_context).to(device)

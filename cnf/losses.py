@@ -97,11 +97,33 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    cost = torch.cdist(x1.detach().flatten(1).double(), x0.detach().flatten(1).double()).pow(2).cpu().numpy()
+    return torch.from_numpy(assignment(squared_distances(x0, x1))).to(x0.device)
+
+
+def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
+    """The cost matrix ||x1[i] - x0[j]||^2 (rows: x1), in float64 on the CPU."""
+    return torch.cdist(x1.detach().flatten(1).double(), x0.detach().flatten(1).double()).pow(2).cpu().numpy()
+
+
+def assignment(cost: np.ndarray) -> np.ndarray:
+    """``perm`` with ``perm[i]`` the column assigned to row i at minimal total cost. SciPy's solver
+    releases the GIL, so several run in parallel threads (:mod:`cnf.pairings`)."""
     rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(x1.shape[0], dtype=np.int64)
+    perm = np.empty(cost.shape[0], dtype=np.int64)
     perm[rows] = cols
-    return torch.from_numpy(perm).to(x0.device)
+    return perm
+
+
+def context_groups(context: torch.Tensor | None, n: int) -> list[torch.Tensor] | None:
+    """The row indices of each group of two or more equal contexts, which OT pairs within; None
+    when the whole batch is one group (no context, or one shared (1, k) context)."""
+    if context is None or context.shape[0] == 1:
+        return None
+    _, groups = torch.unique(context.detach(), dim=0, return_inverse=True)
+    if int(groups.max()) + 1 == n:  # all contexts distinct: singletons, nothing to pair
+        return []
+    rows = [(groups == g).nonzero().flatten() for g in range(int(groups.max()) + 1)]
+    return [r for r in rows if r.numel() > 1]
 
 
 def ot_pairing_within_contexts(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
@@ -112,17 +134,12 @@ def ot_pairing_within_contexts(x0: torch.Tensor, x1: torch.Tensor, context: torc
     bias the learnt p(x | c). Discrete labels form groups; continuous contexts, all distinct,
     form singletons, which is the independent coupling. ``context`` (n, k), or (1, k) / None for
     one context shared by the batch (one group)."""
-    if context is None or context.shape[0] == 1:
+    groups = context_groups(context, x1.shape[0])
+    if groups is None:
         return ot_pairing(x0, x1)
-    _, groups = torch.unique(context.detach(), dim=0, return_inverse=True)
-    n_groups = int(groups.max()) + 1
     perm = torch.arange(x1.shape[0], device=x0.device)
-    if n_groups == x1.shape[0]:  # all contexts distinct: independent coupling
-        return perm
-    for g in range(n_groups):
-        rows = (groups == g).nonzero().flatten()
-        if rows.numel() > 1:
-            perm[rows] = rows[ot_pairing(x0[rows], x1[rows])]
+    for rows in groups:
+        perm[rows] = rows[ot_pairing(x0[rows], x1[rows])]
     return perm
 
 
@@ -155,6 +172,23 @@ def training_times(
     return u if time_exponent == 1.0 else 1 - (1 - u) ** time_exponent
 
 
+def matching_draws(
+    flow: nn.Module, batch: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The CNF, its data points x1 and base draws x0 of one flow-matching step, in the order the
+    loss draws them (the dequantisation noise of a preprocessed flow, then x0): with a generator
+    in the same state, :mod:`cnf.pairings` draws a future step's x1 and x0 exactly as its loss will."""
+    preprocess = getattr(flow, "preprocess", None)
+    if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
+        batch, _ = preprocess(batch, generator=generator)
+        flow = flow.flow
+    if not isinstance(getattr(flow, "field", None), nn.Module) or not hasattr(flow, "base"):
+        raise TypeError(
+            f"flow matching needs a CNF (a flow with a velocity field), got {type(flow).__name__}"
+        )
+    return flow, batch, base_sample(flow.base, batch.shape[0], generator).to(batch)
+
+
 def flow_matching_loss(
     flow: nn.Module,
     batch: torch.Tensor,
@@ -176,22 +210,13 @@ def flow_matching_loss(
     replaces the OT pairing, returning the paired x0 (several processes pass
     :func:`cnf.distributed.global_ot_pairing`: one assignment on the global batch).
     """
-    preprocess = getattr(flow, "preprocess", None)
-    if preprocess is not None:  # a cnf.transforms.TransformedFlow: match in the preprocessed space
-        batch, _ = preprocess(batch, generator=generator)
-        flow = flow.flow
-    field = getattr(flow, "field", None)
-    if not isinstance(field, nn.Module) or not hasattr(flow, "base"):
-        raise TypeError(
-            f"flow matching needs a CNF (a flow with a velocity field), got {type(flow).__name__}"
-        )
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
     sigma_min = _check_sigma_min(sigma_min)
     time_exponent = _check_time_exponent(time_exponent)
-    n = batch.shape[0]
+    flow, batch, x0 = matching_draws(flow, batch, generator)
+    field, n = flow.field, batch.shape[0]
     context = check_context(context, context_dim_of(flow), n, batch)
-    x0 = base_sample(flow.base, n, generator).to(batch)
     if coupling == "ot":
         x0 = x0[ot_pairing_within_contexts(x0, batch, context)] if pairing is None else pairing(x0, batch, context)
     t = training_times(n, time_exponent, dtype=batch.dtype, device=batch.device, generator=generator)

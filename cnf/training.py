@@ -71,6 +71,7 @@ from cnf.outputs import (
     remove_stale_temporaries,
     strict_json,
 )
+from cnf.pairings import PairingsAhead, assignment_threads, can_pair_ahead
 from cnf.recipes import default_threads
 from cnf.solver import SolveInterrupted, SolverError, stop_check
 
@@ -379,7 +380,8 @@ def train(
             taken from ``train_log.jsonl`` beside it).
         progress: tqdm bar on/off (default: on when stderr is a terminal).
         threads: torch threads while training (``"auto"``: :func:`cnf.recipes.default_threads`);
-            the previous count is restored afterwards.
+            the previous count is restored afterwards. OT flow matching solves its assignments in
+            this many threads too (``"auto"``: one per core, :mod:`cnf.pairings`).
         overwrite: what to do when ``out`` already holds a run and ``resume`` is not given:
             ``True`` replaces it, ``False`` raises ValueError, ``None`` replaces it with a warning.
         run_info: plain values stored in the checkpoint under ``"run"`` (the CLI stores its data
@@ -421,8 +423,6 @@ def train(
         data = data.to(dtype)
         val_data = val_data.to(dtype) if val_data is not None else None
     loss_fn = settings.loss_function()
-    if cluster.distributed and settings.objective == "ot_flow_matching":  # one assignment, global batch
-        loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)
     # foreach: one call per step for all parameters (torch picks it by default on CUDA only); on
     # CPU it takes the per-parameter Python loop out of a step that is short for flow matching.
     optimizer = torch.optim.Adam(flow.parameters(), lr=settings.lr, weight_decay=settings.weight_decay, foreach=True)
@@ -452,6 +452,7 @@ def train(
         return _train_loop(
             flow, data, val_data, settings, out_dir, payload, resume, progress, optimizer, loss_fn,
             chosen_threads, run_info, context, val_context, cluster,
+            assignment_threads(threads),
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -475,6 +476,7 @@ def _train_loop(
     context: torch.Tensor | None,
     val_context: torch.Tensor | None,
     cluster: Cluster,
+    assignment_threads: int,
 ) -> TrainResult:
     checkpoint_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
     writes = out_dir is not None and cluster.is_main
@@ -483,6 +485,9 @@ def _train_loop(
     target = flow_device(flow)
     n_total = data.shape[0]
     data, context = cluster.shard(data), cluster.shard(context)
+    pairs_ahead = settings.objective == "ot_flow_matching" and can_pair_ahead(flow)
+    if cluster.distributed and settings.objective == "ot_flow_matching" and not pairs_ahead:
+        loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)  # one assignment, global batch
     # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
     step_loss = cluster.wrap_loss(flow, loss_fn)
     ema = ExponentialMovingAverage(flow, settings.ema_decay) if settings.ema_decay is not None else None
@@ -572,6 +577,11 @@ def _train_loop(
 
     n = data.shape[0]
     batch_size = cluster.batch_size(settings.batch_size, n_total)
+    # OT flow matching: each step draws from its own generators, and the assignments of the next
+    # world_size * assignment_threads steps are solved ahead, in parallel (cnf.pairings).
+    ahead = None
+    if pairs_ahead:
+        ahead = PairingsAhead(flow, data, context, batch_size, settings.seed, cluster, assignment_threads)
     show_bar = _use_progress_bar(progress) and cluster.is_main
     bar = tqdm(total=settings.iters, initial=step, disable=not show_bar, unit="it")
     start = time.perf_counter() - elapsed
@@ -604,15 +614,16 @@ def _train_loop(
                     break
             step_start = time.perf_counter()
             rng_before_step = torch.get_rng_state()  # an abandoned step must not consume randomness
-            rows = torch.randint(0, n, (batch_size,), device=data.device)
+            rows = torch.randint(0, n, (batch_size,), device=data.device) if ahead is None else ahead.rows(step)
             batch = data[rows].to(target)
             batch_context = {} if context is None else {"context": context[rows] if context.shape[0] > 1 else context}
+            step_kwargs = {**batch_context, **settings.loss_kwargs(step), **(ahead.loss_kwargs(step) if ahead else {})}
             optimizer.zero_grad(set_to_none=True)
             try:
                 if cluster.distributed:
                     local = SIGNAL if stop.signal_name else TIME_LIMIT if time.perf_counter() >= deadline else CONTINUE
                     loss, nfe_forward, agreed, reporter, logged = _agreed_forward(
-                        cluster, step_loss, batch, {**batch_context, **settings.loss_kwargs(step)}, flow, step, local
+                        cluster, step_loss, batch, step_kwargs, flow, step, local
                     )
                     if agreed == SIGNAL:  # every rank stops as interrupted, rank 0 checkpoints below
                         stop.signal_name = stop.signal_name or f"a signal on rank {reporter}"
@@ -621,7 +632,7 @@ def _train_loop(
                         stopped_by = "time_limit"
                         break
                 else:
-                    loss = step_loss(batch, **batch_context, **settings.loss_kwargs(step))
+                    loss = step_loss(batch, **step_kwargs)
                     nfe_forward = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
                     if not torch.isfinite(loss):
                         raise TrainingError(f"loss became {loss.item()} at step {step + 1}")

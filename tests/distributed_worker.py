@@ -16,6 +16,7 @@ from torch import nn
 
 import cnf
 from cnf import distributed
+from cnf.pairings import PairingsAhead
 
 BATCH = 4  # per rank
 SEED = 3
@@ -73,6 +74,19 @@ def main(out: Path) -> None:
     x0 = torch.randn(6, 2, generator=generator, dtype=torch.float64)
     x1 = torch.randn(6, 2, generator=generator, dtype=torch.float64) + 3.0 * rank
     tensors.update({"ot.x0": x0, "ot.x1": x1, "ot.paired": distributed.global_ot_pairing(x0, x1)})
+
+    # Pairings solved ahead: 4 steps (2 blocks of 2, one step per rank each) of 3 points per rank.
+    ahead = PairingsAhead(tiny_flow(), cluster.shard(data()) + 3.0 * rank, None, 3, SEED, cluster, threads=1)
+    for step in range(4):
+        x0, x1, _ = ahead.draws(step)
+        tensors.update({f"ahead{step}.x0": x0, f"ahead{step}.x1": x1, f"ahead{step}.paired": ahead.paired(step, x0, x1)})
+    # ... and within groups of equal context (labels 0 / 1), as a conditional flow pairs.
+    labels = cluster.shard((torch.arange(16) % 2).double().unsqueeze(1))
+    ahead = PairingsAhead(tiny_flow(), cluster.shard(data()) + 3.0 * rank, labels, 4, SEED, cluster, threads=1)
+    for step in range(2):
+        x0, x1, context = ahead.draws(step)
+        paired = ahead.paired(step, x0, x1, context)
+        tensors.update({f"ctx{step}.x0": x0, f"ctx{step}.x1": x1, f"ctx{step}.c": context, f"ctx{step}.paired": paired})
 
     # Two steps on 2 processes, checkpointed by rank 0, resumed on 1 process by the test.
     run = out / "run"

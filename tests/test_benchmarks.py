@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import (
+    assignments,
     checkpoint_cost,
     conditional,
     discrete_vs_continuous,
@@ -29,6 +30,7 @@ from benchmarks import (
 )
 
 BENCHMARKS = {
+    "assignments": assignments.main,
     "conditional": conditional.main,
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
@@ -91,6 +93,9 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         ceilings = payload["ceilings"]
         assert {(c["objective"], c["global_batch"]) for c in ceilings} == {("likelihood", 64), ("flow_matching", 64)}
         assert all(c["ceiling"] == pytest.approx(c["one_process_ms"] / c["one_rank_share_ms"]) for c in ceilings)
+    if name == "assignments":
+        row = payload["rows"][0]
+        assert (row["data"], row["load"]) == ("8gaussians", "quiet") and row["speedup"] > 0
     if name == "real_data":
         models = {r["model"]: r for r in payload["rows"]}
         assert {"gaussian", "gmm", "kde", "cnf-default", "cnf-ml", "cnf-rnode"} <= set(models)

@@ -25,7 +25,8 @@ from cnf import distributed
 from cnf.checkpoint import read_checkpoint
 from cnf.cli import without_option
 from cnf.flow import base_sample
-from cnf.losses import DEFAULT_SIGMA_MIN, conditional_path, ot_pairing
+from cnf.losses import DEFAULT_SIGMA_MIN, conditional_path, ot_pairing, ot_pairing_within_contexts
+from cnf.pairings import LOSS_STREAM, ROW_STREAM, step_generator
 from cnf.transforms import Standardize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,11 +105,16 @@ def union_batch_draws(objective: str) -> tuple[torch.Tensor, torch.Tensor | None
     for rank in range(2):
         cluster = distributed.Cluster(rank=rank, world_size=2)
         shard = cluster.shard(data())
-        torch.manual_seed(cluster.seed(SEED))
-        batches.append(shard[torch.randint(0, shard.shape[0], (BATCH,))])
+        if objective == "ot_flow_matching":  # each step draws from its own seeds (cnf.pairings)
+            rows_generator = step_generator(SEED, rank, 0, ROW_STREAM)
+            loss_generator = step_generator(SEED, rank, 0, LOSS_STREAM)
+        else:  # the rank's global stream
+            torch.manual_seed(cluster.seed(SEED))
+            rows_generator = loss_generator = None
+        batches.append(shard[torch.randint(0, shard.shape[0], (BATCH,), generator=rows_generator)])
         if objective != "likelihood":  # the loss then draws x0 ~ N(0, I) and t ~ U(0, 1)
-            x0s.append(torch.randn(BATCH, 2, dtype=torch.float64))
-            ts.append(torch.rand(BATCH, dtype=torch.float64))
+            x0s.append(torch.randn(BATCH, 2, dtype=torch.float64, generator=loss_generator))
+            ts.append(torch.rand(BATCH, dtype=torch.float64, generator=loss_generator))
     if objective == "likelihood":
         return torch.cat(batches), None, None
     batch, x0 = torch.cat(batches), torch.cat(x0s)
@@ -159,6 +165,27 @@ def test_global_ot_pairs_as_one_process_with_the_whole_batch(two_ranks) -> None:
     torch.testing.assert_close(paired, expected, rtol=0, atol=0)
     local = torch.cat([p["ot.x0"][ot_pairing(p["ot.x0"], p["ot.x1"])] for p in parts])
     assert not torch.equal(local, expected)  # the ranks' data differ (shifted by 3), so pairing crosses ranks
+
+
+@needs_gloo
+def test_pairings_ahead_pair_each_step_on_the_global_batch(two_ranks) -> None:
+    """Solved ahead, in blocks of 2 steps with one assignment per rank, every step's pairing is
+    still the one assignment on that step's 6-point global batch."""
+    parts = [rank_output(two_ranks, r)[0] for r in range(2)]
+    crossed = False
+    for step in range(4):
+        x0 = torch.cat([p[f"ahead{step}.x0"] for p in parts])
+        x1 = torch.cat([p[f"ahead{step}.x1"] for p in parts])
+        expected = x0[ot_pairing(x0, x1)]
+        torch.testing.assert_close(torch.cat([p[f"ahead{step}.paired"] for p in parts]), expected, rtol=0, atol=0)
+        local = torch.cat([p[f"ahead{step}.x0"][ot_pairing(p[f"ahead{step}.x0"], p[f"ahead{step}.x1"])] for p in parts])
+        crossed = crossed or not torch.equal(local, expected)
+    assert crossed  # the ranks' data differ (shifted by 3), so pairing crosses ranks
+    for step in range(2):  # per-point contexts: one assignment per label on the global batch
+        x0, x1, c = (torch.cat([p[f"ctx{step}.{name}"] for p in parts]) for name in ("x0", "x1", "c"))
+        expected = x0[ot_pairing_within_contexts(x0, x1, c)]
+        torch.testing.assert_close(torch.cat([p[f"ctx{step}.paired"] for p in parts]), expected, rtol=0, atol=0)
+        assert not torch.equal(expected, x0[ot_pairing(x0, x1)])  # the labels constrained the pairing
 
 
 @needs_gloo
