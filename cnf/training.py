@@ -486,7 +486,8 @@ def _train_loop(
     n_total = data.shape[0]
     data, context = cluster.shard(data), cluster.shard(context)
     pairs_ahead = settings.objective == "ot_flow_matching" and can_pair_ahead(flow)
-    if cluster.distributed and settings.objective == "ot_flow_matching" and not pairs_ahead:
+    ot_collectives = cluster.distributed and settings.objective == "ot_flow_matching"  # the loss gathers
+    if ot_collectives and not pairs_ahead:
         loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)  # one assignment, global batch
     # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
     step_loss = cluster.wrap_loss(flow, loss_fn)
@@ -623,7 +624,7 @@ def _train_loop(
                 if cluster.distributed:
                     local = SIGNAL if stop.signal_name else TIME_LIMIT if time.perf_counter() >= deadline else CONTINUE
                     loss, nfe_forward, agreed, reporter, logged = _agreed_forward(
-                        cluster, step_loss, batch, step_kwargs, flow, step, local
+                        cluster, step_loss, batch, step_kwargs, flow, step, local, collective_loss=ot_collectives
                     )
                     if agreed == SIGNAL:  # every rank stops as interrupted, rank 0 checkpoints below
                         stop.signal_name = stop.signal_name or f"a signal on rank {reporter}"
@@ -801,18 +802,23 @@ def _agreed_forward(
     flow: nn.Module,
     step: int,
     stop_code: int,
+    collective_loss: bool = False,
 ) -> tuple[torch.Tensor | None, int, int, int, list[float]]:
     """One rank's forward pass, then the agreement of all ranks (:meth:`Cluster.agree`) before any
     of them enters the gradient all-reduce: ``(loss, nfe, code, rank, [mean loss, mean nfe])``
     (the means over ranks, for the log, ride on the same collective) with code CONTINUE to go on,
     TIME_LIMIT or SIGNAL (loss None) when some rank reached the time limit or got a signal; a NaN,
-    failed solve or error on any rank raises TrainingError on every rank, naming the rank and the cause."""
+    failed solve or error on any rank raises TrainingError on every rank, naming the rank and the cause.
+
+    ``collective_loss``: the loss itself takes part in collectives (OT flow matching gathers the
+    ranks' draws), so every rank computes it even when it wants to stop: a rank that skipped it
+    would meet the others' gather with its agreement, a different collective."""
     code, failure, loss, nfe = stop_code, None, None, 0
-    if code == CONTINUE:
+    if code == CONTINUE or collective_loss:
         try:
             loss = step_loss(batch, **kwargs)
             nfe = getattr(getattr(flow, "stats", None), "nfe_forward", 0)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss) and code == CONTINUE:
                 code, failure = NONFINITE, f"loss became {loss.item()} at step {step + 1}"
         except SolverError as error:
             code, failure = SOLVER_FAILED, str(error)

@@ -222,6 +222,9 @@ def test_time_limit_is_agreed_so_ranks_stop_at_the_same_step(two_ranks) -> None:
     infos = [rank_output(two_ranks, r)[1] for r in range(2)]
     assert infos[0]["time_limit_stopped_by"] == infos[1]["time_limit_stopped_by"] == "time_limit"
     assert infos[0]["time_limit_step"] == infos[1]["time_limit_step"] > 0
+    # one rank's limit alone, with a loss that gathers (OT flow matching): both stop together
+    assert infos[0]["ot_time_limit_stopped_by"] == infos[1]["ot_time_limit_stopped_by"] == "time_limit"
+    assert infos[0]["ot_time_limit_step"] == infos[1]["ot_time_limit_step"] == 0
 
 
 def worker_pid(parent: int, rank: int) -> int | None:
