@@ -107,6 +107,8 @@ def test_recipes_by_dimension() -> None:
     assert recipe("ot_flow_matching", 30, "tabular", n_train=455)["val_every"] == 100
     assert recipe("ot_flow_matching", 64, "tabular", n_train=1437)["val_every"] == 500
     assert recipe("ot_flow_matching", 30, "tabular")["val_every"] == 500
+    assert recipe("ot_flow_matching", 7, "tabular", n_train=80_000)["val_every"] == 2000  # galaxies
+    assert recipe("likelihood", 7, "tabular", n_train=80_000)["val_every"] == 50
     assert recipe("likelihood", 30, "tabular", n_train=455)["val_every"] == 50
     assert recipe("likelihood", 2, "toy", n_train=455)["val_every"] == 100
     # flow matching on continuous tables trains more near the data (t ~ Beta(1, 1/2)); dequantised
