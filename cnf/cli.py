@@ -440,7 +440,10 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     solvers = ""
     if settings.objective == "ot_flow_matching":
         n = assignment_threads(args.threads if args.threads is not None else "auto")
-        solvers = f", OT assignments solved ahead in {n} thread{'s' if n > 1 else ''}" if n > 1 else ""
+        if n > 1:
+            solvers = f", OT assignments solved ahead in {n} threads" + (" per rank" if cluster.distributed else "")
+        elif cluster.distributed:
+            solvers = f", OT assignments split over the {cluster.world_size} ranks"
     print(
         f"training {settings.describe()}, {threads} torch thread{'s' if threads > 1 else ''} ({how}){solvers}"
     )

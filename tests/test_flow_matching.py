@@ -16,6 +16,7 @@ from cnf.cli import main
 from cnf.data import sample_toy
 from cnf.fields import time_column
 from cnf.losses import conditional_path, flow_matching_loss, make_objective, ot_pairing
+from cnf.pairings import assignment_threads
 
 MU = torch.tensor([2.0, -1.0], dtype=torch.float64)
 SCALE = 0.5
@@ -195,10 +196,15 @@ def test_cli_trains_by_ot_flow_matching(tmp_path: Path, capsys: pytest.CaptureFi
     args = ["train", "--data", "moons", "--iters", "5", "--n-train", "500", "--hidden", "8"]
     args += ["--rtol", "1e-3", "--atol", "1e-3", "--out", str(out), "--objective", "ot_flow_matching"]
     assert main(args) == 0
+    solvers = assignment_threads("auto")  # one per core: the line says so where there are several
+    printed = capsys.readouterr().out
+    assert (f"OT assignments solved ahead in {solvers} threads" in printed) == (solvers > 1)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and math.isfinite(summary["test_nll"])
     payload = torch.load(out / "checkpoint.pt", weights_only=False)
     assert payload["settings"]["objective"] == "ot_flow_matching"
+    assert main([*args, "--threads", "1", "--overwrite"]) == 0  # an explicit count caps the solvers
+    assert "OT assignments" not in capsys.readouterr().out
     bad = ["train", "--objective", "flow_matching", "--kinetic-weight", "0.01", "--out", str(tmp_path / "x")]
     assert main(bad) == 2
     assert "apply only to objective='likelihood'" in capsys.readouterr().err
