@@ -15,9 +15,11 @@ With N ranks each one
   with an error that names the rank and the cause,
 - reports the loss, NFE and validation NLL all-reduced over ranks; rank 0 alone writes files.
 
-For ``ot_flow_matching`` the optimal-transport pairing is computed once on the gathered global
-batch (:func:`global_ot_pairing`), so N ranks with batch b pair exactly as one process with batch
-N * b (torchcfm pairs within each GPU's slice only).
+For ``ot_flow_matching`` the optimal-transport pairing of each step is computed once on the
+gathered global batch, so N ranks with batch b pair exactly as one process with batch N * b
+(torchcfm pairs within each GPU's slice only); the ranks share out the steps' assignments and
+solve them ahead (:mod:`cnf.pairings`; :func:`global_ot_pairing` is the one-step form, used for a
+base that cannot draw with a per-step generator).
 
 Backends: gloo on CPU, NCCL on CUDA. Reference: Li et al. (2020), "PyTorch Distributed:
 Experiences on Accelerating Data Parallel Training" (DDP's gradient buckets).
