@@ -40,6 +40,20 @@ def test_train_and_evaluate_images_from_a_file(
     assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png"}
 
 
+def test_image_runs_honour_threads_and_say_how_ot_pairs(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--threads N` reaches the training (it used to be reset to the recipe's one thread), and OT
+    flow matching says when its assignments are solved ahead in threads."""
+    args = ["train", "--data", str(image_file), "--iters", "2", "--hidden", "4", "--objective", "ot_flow_matching"]
+    assert main([*args, "--threads", "2", "--out", str(tmp_path / "two")]) == 0
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["threads"] == 2
+    assert "2 torch threads, OT assignments solved ahead in 2 threads" in capsys.readouterr().out
+    assert main([*args, "--threads", "1", "--out", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["threads"] == 1
+    assert "1 torch thread, time limit" in capsys.readouterr().out
+
+
 def test_multiscale_trains_by_likelihood(image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ms"
     args = ["train", "--data", str(image_file), "--model", "multiscale", "--iters", "1", "--hidden", "4", "--method", "euler"]
