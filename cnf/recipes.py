@@ -106,8 +106,8 @@ SMALL_TABLE_VAL_EVERY = 100
 
 #: Tables with at least this many training rows validate flow matching every LARGE_TABLE_VAL_EVERY
 #: steps: on galaxies (80,000 rows, d = 7) an OT-FM step takes ~0.011 s and a validation on 2,000
-#: points ~2.5 s, so validating every 500 steps spent 29% of `cnf train --time-limit 600` (174 of
-#: 600 s; its best validation was the last), every 2,000 steps ~9%.
+#: points ~2.5 s, so validating every 500 steps spent ~28% of `cnf train --time-limit 600` (~170
+#: of 600 s; its best validation was the last), every 2,000 steps ~8%.
 LARGE_TABLE_ROWS = 20_000
 LARGE_TABLE_VAL_EVERY = 2_000
 
