@@ -34,7 +34,7 @@ from cnf.fields import ACTIVATIONS, CONTEXT_MODES, MLPField
 from cnf.flow import CNF
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
-from cnf.pairings import assignment_threads
+from cnf.pairings import describe_solvers
 from cnf.planar import ConditionalPlanarFlow, PlanarFlow
 from cnf.recipes import default_objective, exact_evaluation, model_recipe, recipe
 from cnf.solver import Solver
@@ -437,13 +437,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     else:
         threads = resolve_threads(args.threads, train_set.shape[1])
         how = "auto" if args.threads in (None, "auto") else "--threads"
-    solvers = ""
-    if settings.objective == "ot_flow_matching":
-        n = assignment_threads(args.threads if args.threads is not None else "auto")
-        if n > 1:
-            solvers = f", OT assignments solved ahead in {n} threads" + (" per rank" if cluster.distributed else "")
-        elif cluster.distributed:
-            solvers = f", OT assignments split over the {cluster.world_size} ranks"
+    solvers = describe_solvers(args.threads, cluster.world_size) if settings.objective == "ot_flow_matching" else ""
     print(
         f"training {settings.describe()}, {threads} torch thread{'s' if threads > 1 else ''} ({how}){solvers}"
     )
@@ -454,7 +448,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         settings=settings,
         out=out,
         resume=resume,
-        threads=threads if args.threads not in (None, "auto") else "auto",
+        threads=args.threads,  # None: "auto", which train resolves as above (and one OT solver per core)
         overwrite=True,
         run_info=run,
         context=contexts[0],

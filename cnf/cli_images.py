@@ -33,7 +33,7 @@ from cnf.images import (
     image_model,
     set_solver,
 )
-from cnf.pairings import assignment_threads
+from cnf.pairings import describe_solvers
 from cnf.solver import Solver
 from cnf.training import TrainSettings, train
 
@@ -136,13 +136,9 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     out = Path(args.out or "runs/default")
     resume = _resume_path(args.resume) if args.resume is not None else None
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
-    solvers = assignment_threads(int(threads) if threads not in (None, "auto") else "auto")
-    print(describe_image_run(flow, splits, settings, torch.get_num_threads(), solvers))
-    explicit = threads not in (None, "auto")  # else train's "auto": the count set above, solvers one per core
-    result = train(
-        flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True,
-        threads=int(threads) if explicit else "auto",
-    )  # fmt: skip
+    print(describe_image_run(flow, splits, settings, torch.get_num_threads(), threads))
+    # threads None / "auto": train keeps the one thread set above (and one OT solver per core)
+    result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True, threads=threads)
     set_solver(flow, IMAGE_RECIPE.eval_solver)
     test = first_test_images(
         splits.test, _given(args, "test_n"), f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
@@ -173,7 +169,7 @@ def cmd_train_images(args: argparse.Namespace) -> int:
 
 
 def describe_image_run(
-    flow: nn.Module, splits: ImageSplits, settings: TrainSettings, threads: int, solvers: int = 1
+    flow: nn.Module, splits: ImageSplits, settings: TrainSettings, threads: int, requested: int | str | None
 ) -> str:
     """What ``cnf train`` chose for images, in one line (as the vector runs say theirs)."""
     config = flow.config()
@@ -191,7 +187,7 @@ def describe_image_run(
         f"{steps} -> {model} {hidden}; training {settings.describe()}, "
         f"validation every {settings.val_every:,} steps on {val_size:,} images, "
         f"{threads} torch thread{'s' if threads > 1 else ''}"
-        + (f", OT assignments solved ahead in {solvers} threads" if settings.objective == "ot_flow_matching" and solvers > 1 else "")
+        + (describe_solvers(requested) if settings.objective == "ot_flow_matching" else "")
         + (f", time limit {settings.time_limit:g} s" if settings.time_limit else "")
     )
 

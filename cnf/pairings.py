@@ -49,6 +49,15 @@ def assignment_threads(threads: int | str | None) -> int:
     return threads if isinstance(threads, int) and not isinstance(threads, bool) else threads_per_process()
 
 
+def describe_solvers(threads: int | str | None, world_size: int = 1) -> str:
+    """How a run's OT assignments are solved, as ``cnf train`` appends it to its settings line
+    (empty where each step solves its own in the training thread)."""
+    solvers = assignment_threads(threads)
+    if solvers > 1:
+        return f", OT assignments solved ahead in {solvers} threads" + (" per rank" if world_size > 1 else "")
+    return f", OT assignments split over the {world_size} ranks" if world_size > 1 else ""
+
+
 def can_pair_ahead(flow: nn.Module) -> bool:
     """Whether a step's base draws can be made ahead: the base must take a generator (the
     standard normal does; an arbitrary torch Distribution draws from the global stream)."""
@@ -63,7 +72,6 @@ class _Block:
 
     first: int
     x0s: torch.Tensor  # (K, N * b, ...): each step's global base draws, rank order
-    dtype: torch.dtype
     tasks: list[tuple[int, torch.Tensor | None, Future | np.ndarray]]
 
 
@@ -146,9 +154,8 @@ class PairingsAhead:
         no GIL, and no torch call there starts an OpenMP team beside the training step's)."""
         world, rank, b = self.cluster.world_size, self.cluster.rank, self.batch_size
         draws = [self.draws(step) for step in range(first, first + self.block)]
-        dtype = draws[0][0].dtype
         x0s = torch.stack([x0 for x0, _, _ in draws])  # (K, b, ...)
-        x1s = torch.stack([x1.to(dtype) for _, x1, _ in draws])
+        x1s = torch.stack([x1.to(x0s.dtype) for _, x1, _ in draws])
         if world > 1:  # every rank's draws of every step of the block, in one collective
             both = gather_rows(torch.stack([x0s, x1s], dim=2), world)  # (N * K, b, 2, ...)
             both = both.reshape(world, self.block, b, 2, *x0s.shape[2:]).transpose(0, 1)
@@ -167,7 +174,7 @@ class PairingsAhead:
                 x0, x1 = (x0s[k], x1s[k]) if rows is None else (x0s[k][rows], x1s[k][rows])
                 cost = squared_distances(x0, x1)
                 tasks.append((k, rows, assignment(cost) if self._pool is None else self._pool.submit(assignment, cost)))
-        return _Block(first, x0s, dtype, tasks)
+        return _Block(first, x0s, tasks)
 
     def _finish(self, block: _Block) -> None:
         """Wait for this rank's assignments of ``block``, gather every rank's, keep the pairings."""
@@ -186,4 +193,4 @@ class PairingsAhead:
             perm = gather_rows(perm, world)
         for k in range(self.block):
             chosen = perm[k, rank * b : (rank + 1) * b].to(block.x0s.device)
-            self._paired[block.first + k] = block.x0s[k][chosen].to(block.dtype)
+            self._paired[block.first + k] = block.x0s[k][chosen]

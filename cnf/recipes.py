@@ -221,12 +221,11 @@ def recipe(
     """
     _check(objective, dim, data_kind)
     settings = {"objective": objective, **BY_OBJECTIVE[objective], **_by_dimension(objective, dim, data_kind)}
-    small_table = data_kind == "tabular" and dim > TOY_DIM and n_train is not None and n_train < SMALL_TABLE_ROWS
+    table_rows = n_train if data_kind == "tabular" and dim > TOY_DIM else None
     flow_matching = objective in ("flow_matching", "ot_flow_matching")
-    if small_table and flow_matching:
+    if flow_matching and table_rows is not None and table_rows < SMALL_TABLE_ROWS:
         settings["val_every"] = min(settings["val_every"], SMALL_TABLE_VAL_EVERY)
-    large_table = data_kind == "tabular" and dim > TOY_DIM and n_train is not None and n_train >= LARGE_TABLE_ROWS
-    if large_table and flow_matching:
+    if flow_matching and table_rows is not None and table_rows >= LARGE_TABLE_ROWS:
         settings["val_every"] = max(settings["val_every"], LARGE_TABLE_VAL_EVERY)
     if flow_matching and data_kind == "tabular" and dim > TOY_DIM and not dequantized:
         settings["time_exponent"] = CONTINUOUS_TABLE_TIME_EXPONENT
