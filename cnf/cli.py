@@ -165,6 +165,23 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
     return load_data(source, n=n, seed=seed)
 
 
+def file_rows_to_score(source: str, choice: str, run: dict[str, Any] | None) -> tuple[torch.Tensor, str]:
+    """The rows of the file ``source`` that ``cnf evaluate --split choice`` scores, and a phrase
+    saying which. ``auto``: the test split when the checkpoint was trained on this very file
+    (its other rows were trained or validated on), else every row; ``test``: the seeded test
+    split that ``cnf train`` makes of a file (the run's seed, else 0); ``all``: every row."""
+    rows = load_data(source)
+    run = run or {}
+    trained_on = run.get("data")
+    same_file = isinstance(trained_on, str) and is_file_source(trained_on) and Path(trained_on).resolve() == Path(source).resolve()
+    if choice == "all" or (choice == "auto" and not same_file):
+        return rows, f"all {rows.shape[0]} rows of {source}"
+    seed = run.get("seed", 0) if same_file else 0
+    test = split(rows, seed=seed)[2]
+    why = "the file it trained on" if same_file else "the file"
+    return test, f"the test split of {why} ({test.shape[0]} of {rows.shape[0]} rows, seed {seed}; --split all for every row)"
+
+
 def timed_nll(
     flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None, exact: bool = True
 ) -> dict[str, Any]:
@@ -603,6 +620,8 @@ def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> i
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.split != "auto" and not is_file_source(args.data):
+        raise ValueError(f"--split {args.split} applies to a .npy/.csv file, got --data {args.data!r}")
     flow, payload = load_checkpoint(args.checkpoint, device=args.device)
     if getattr(flow, "kind", None) == "vae":
         return evaluate_vae_checkpoint(flow, args)
@@ -612,7 +631,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
     if args.solver_from is not None and isinstance(inner, CNF):
         inner.solver = solver_from_file(args.solver_from)
-    data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
+    scored = None
+    if is_file_source(args.data):
+        data, scored = file_rows_to_score(args.data, args.split, payload.get("run"))
+    else:
+        data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
     exact = args.solver_from is None
@@ -622,9 +645,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         metrics = timed_nll(flow, data, context, exact=exact)
     if context is not None:
         metrics["conditional"] = True
+    if scored is not None:
+        metrics["scored"] = scored
     if args.json:
         print(strict_json(metrics))
     else:
+        if scored is not None:
+            print(f"scoring {scored}")
         print(
             f"{'conditional ' if context is not None else ''}test NLL: {metrics['nll']:.4f} nats  "
             f"NFE: {metrics['nfe']}  "
@@ -919,6 +946,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
+    p.add_argument(
+        "--split", choices=("auto", "test", "all"), default="auto",
+        help="rows of a .npy/.csv file to score: auto (the test split of the file the checkpoint "
+        "trained on, every row of any other file), test (the seeded test split of `cnf train`), all",
+    )  # fmt: skip
     add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 

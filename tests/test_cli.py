@@ -81,7 +81,37 @@ def test_data_file_is_accepted_everywhere(tmp_path: Path, capsys: pytest.Capture
     )
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(path)]) == 0
-    assert "test NLL:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test NLL:" in printed and "the test split of the file it trained on (30 of 300 rows" in printed
+
+
+def test_evaluate_scores_the_training_files_test_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """On the file it trained on, `cnf evaluate` scores the test split that `cnf train` scored (the
+    other rows were trained or validated on); any other file, or --split all, every row."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "table.npy"
+    np.save(path, rng.normal(size=(200, 3)).astype(np.float32))
+    out = tmp_path / "run"
+    train_args = ["train", "--data", str(path), "--iters", "2", "--out", str(out), "--hidden", "8", "--seed", "3"]
+    assert main(train_args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+
+    def evaluate(data: Path, *extra: str) -> dict:
+        assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data), "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    test = evaluate(path)
+    assert test["n"] == 20 and "seed 3" in test["scored"]
+    np.testing.assert_allclose(test["nll"], summary["test_nll"], rtol=1e-5)
+    every = evaluate(path, "--split", "all")
+    assert every["n"] == 200 and abs(every["nll"] - test["nll"]) > 1e-6
+    copy = tmp_path / "copy.npy"
+    np.save(copy, np.load(path))
+    assert evaluate(copy)["n"] == 200
+    assert evaluate(copy, "--split", "test")["n"] == 20  # the same split rule, seed 0
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "moons", "--split", "test"]) == 2
+    assert "--split test applies to a .npy/.csv file, got --data 'moons'" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
