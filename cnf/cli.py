@@ -165,21 +165,25 @@ def load_eval_data(source: str, n: int, seed: int) -> torch.Tensor:
     return load_data(source, n=n, seed=seed)
 
 
-def file_rows_to_score(source: str, choice: str, run: dict[str, Any] | None) -> tuple[torch.Tensor, str]:
-    """The rows of the file ``source`` that ``cnf evaluate --split choice`` scores, and a phrase
-    saying which. ``auto``: the test split when the checkpoint was trained on this very file
-    (its other rows were trained or validated on), else every row; ``test``: the seeded test
-    split that ``cnf train`` makes of a file (the run's seed, else 0); ``all``: every row."""
-    rows = load_data(source)
-    run = run or {}
-    trained_on = run.get("data")
-    same_file = isinstance(trained_on, str) and is_file_source(trained_on) and Path(trained_on).resolve() == Path(source).resolve()
+def file_test_split(source: str, choice: str, run: dict[str, Any] | None) -> tuple[int | None, str]:
+    """Which rows of the file ``source`` ``cnf evaluate --split choice`` scores: the seed of the
+    test split that ``cnf train`` makes of a file (80/10/10), or None for every row; and a phrase
+    saying which. ``auto``: the test split when the checkpoint trained on this very file (its other
+    rows were trained or validated on), else every row; ``test``: the test split (the run's seed
+    on its own file, else 0); ``all``: every row."""
+    trained_on = (run or {}).get("data")
+    same_file = isinstance(trained_on, str) and is_file_source(trained_on)
+    same_file = same_file and Path(trained_on).resolve() == Path(source).resolve()
     if choice == "all" or (choice == "auto" and not same_file):
-        return rows, f"all {rows.shape[0]} rows of {source}"
-    seed = run.get("seed", 0) if same_file else 0
-    test = split(rows, seed=seed)[2]
-    why = "the file it trained on" if same_file else "the file"
-    return test, f"the test split of {why} ({test.shape[0]} of {rows.shape[0]} rows, seed {seed}; --split all for every row)"
+        return None, f"of {source}"
+    seed = (run or {}).get("seed", 0) if same_file else 0
+    which = "the file it trained on" if same_file else "the file"
+    return seed, f": the test split of {which} (seed {seed}; --split all for every row)"
+
+
+def scored_phrase(seed: int | None, phrase: str, count: int, total: int, unit: str = "rows") -> str:
+    """E.g. "all 300 rows of t.npy" or "30 of 300 rows: the test split of ..." (see file_test_split)."""
+    return f"all {total} {unit} {phrase}" if seed is None else f"{count} of {total} {unit}{phrase}"
 
 
 def timed_nll(
@@ -627,13 +631,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return evaluate_vae_checkpoint(flow, args)
     if cli_images.is_image_source(args.data):
         solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
-        return cli_images.evaluate_images(flow, args.data, args.json, solver, n=args.n)
+        seed, scored = file_test_split(args.data, args.split, payload.get("run")) if is_file_source(args.data) else (None, None)
+        return cli_images.evaluate_images(flow, args.data, args.json, solver, n=args.n, test_seed=seed, scored=scored)
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
     if args.solver_from is not None and isinstance(inner, CNF):
         inner.solver = solver_from_file(args.solver_from)
     scored = None
     if is_file_source(args.data):
-        data, scored = file_rows_to_score(args.data, args.split, payload.get("run"))
+        seed, scored = file_test_split(args.data, args.split, payload.get("run"))
+        rows = load_data(args.data)
+        data = rows if seed is None else split(rows, seed=seed)[2]
+        scored = scored_phrase(seed, scored, data.shape[0], rows.shape[0])
     else:
         data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)

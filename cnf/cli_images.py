@@ -138,7 +138,10 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
     print(describe_image_run(flow, splits, settings, torch.get_num_threads(), threads))
     # threads None / "auto": train keeps the one thread set above (and one OT solver per core)
-    result = train(flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True, threads=threads)
+    run = {"data": args.data, "seed": 0}  # cnf evaluate scores this file's test split
+    result = train(
+        flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True, threads=threads, run_info=run
+    )
     set_solver(flow, IMAGE_RECIPE.eval_solver)
     test = first_test_images(
         splits.test, _given(args, "test_n"), f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
@@ -193,24 +196,40 @@ def describe_image_run(
 
 
 def evaluate_images(
-    flow: nn.Module, source: str, as_json: bool, solver: Solver | None = None, n: int | None = None
+    flow: nn.Module,
+    source: str,
+    as_json: bool,
+    solver: Solver | None = None,
+    n: int | None = None,
+    test_seed: int | None = None,
+    scored: str | None = None,
 ) -> int:
     """``cnf evaluate`` of an image flow: bits/dim (and NLL in nats per image) of the test images
-    (the first ``n`` of them when given)."""
+    (the first ``n`` of them when given). A file's images: all of them, or with ``test_seed`` its
+    test split as ``cnf train`` makes it; ``scored`` says which (printed)."""
     if dequantization_levels(flow) is None:
         raise ValueError(f"--data {source!r} holds images but the checkpoint's flow does not dequantise them")
     if source in IMAGE_DATASETS:
         images = load_images(source).test
+    elif test_seed is not None:
+        images = load_image_source(source, seed=test_seed).test
     else:
         images = torch.from_numpy(np.load(source, allow_pickle=False).astype(np.int64))
+    if scored is not None:
+        total = np.load(source, mmap_mode="r", allow_pickle=False).shape[0]
+        scored = f"all {total} images {scored}" if test_seed is None else f"{images.shape[0]} of {total} images{scored}"
     images = images[:n] if n is not None else images
     set_solver(flow, solver or IMAGE_RECIPE.eval_solver)
     score = evaluate_bits_per_dim(flow, images)
     dims = images[0].numel()
     metrics = {"nll": score.mean * dims * float(np.log(2)), **score.as_dict()}
+    if scored is not None:
+        metrics["scored"] = scored
     if as_json:
         print(json.dumps(metrics))
     else:
+        if scored is not None:
+            print(f"scoring {scored}")
         print(
             f"test bits/dim: {score.mean:.4f} +- {2 * score.se:.4f} (2 SE)  NFE: {score.nfe}  "
             f"seconds: {score.seconds:.3f}  n: {score.n}"

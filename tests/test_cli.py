@@ -82,7 +82,7 @@ def test_data_file_is_accepted_everywhere(tmp_path: Path, capsys: pytest.Capture
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "test NLL:" in printed and "the test split of the file it trained on (30 of 300 rows" in printed
+    assert "test NLL:" in printed and "scoring 30 of 300 rows: the test split of the file it trained on (seed 0" in printed
 
 
 def test_evaluate_scores_the_training_files_test_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -32,6 +32,9 @@ def test_train_and_evaluate_images_from_a_file(
     assert "images (1, 4, 4), 256 levels, 32 training: dequantize -> logit (alpha 0.0001) -> U-Net CNF 4; " in said
     assert "training flow_matching with lr 0.001, batch 128, cosine schedule, EMA 0.999, validation every 100" in said
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)  # the file it trained on: its test split, as train scored it
+    assert metrics["n"] == 4 and metrics["scored"].startswith("4 of 40 images: the test split of the file it trained on")
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json", "--split", "all"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 40 and metrics["bits_per_dim"] > 7.5 and metrics["nfe"] > 0
     assert metrics["nll"] == pytest.approx(metrics["bits_per_dim"] * 16 * np.log(2))
@@ -120,7 +123,7 @@ def test_train_scores_at_most_the_capped_number_of_test_images(
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["test_n"] == 2
     capsys.readouterr()
     checkpoint = str(tmp_path / "two" / "checkpoint.pt")
-    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "5", "--json"]) == 0
+    assert main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "5", "--json", "--split", "all"]) == 0
     assert json.loads(capsys.readouterr().out)["n"] == 5
     with pytest.raises(SystemExit):
         main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "0"])

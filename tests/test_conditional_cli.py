@@ -66,7 +66,7 @@ def test_conditional_train_evaluate_sample(
     np.testing.assert_allclose(standardization.std.numpy(), [10.0, 0.1], rtol=0.2)
     capsys.readouterr()
 
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json"]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--json", "--split", "all"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["conditional"] is True and metrics["n"] == 400 and np.isfinite(metrics["nll"])
     x, c = torch.from_numpy(np.load(data)[:, [0, 2]]), torch.from_numpy(np.load(data)[:, [1, 3]])
