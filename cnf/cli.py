@@ -454,7 +454,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
             if args.threads in (None, "auto")
             else "--threads"
         )
-        print(f"{cluster.describe()} on device {args.device}: {threads} torch thread(s) ({how})", file=sys.stderr)
+        print(f"{cluster.describe()} on device {distributed.resolve_device(args.device, cluster.local_rank)}: {threads} torch thread(s) ({how})", file=sys.stderr)
     else:
         threads = resolve_threads(args.threads, train_set.shape[1])
         how = "auto" if args.threads in (None, "auto") else "--threads"
