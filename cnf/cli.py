@@ -740,11 +740,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    flow, _ = load_checkpoint(args.checkpoint)
+    loaded, _ = load_checkpoint(args.checkpoint)
+    flow = loaded.flow if isinstance(loaded, TransformedFlow) else loaded
     if not isinstance(flow, CNF):
         raise TypeError(f"cnf tune needs a CNF checkpoint (solver settings), got a {type(flow).__name__}")
+    if flow.context_dim is not None:
+        raise ValueError(
+            f"cnf tune measures unconditional CNFs; {args.checkpoint!r} is conditional "
+            f"(context_dim={flow.context_dim}): tune its solver by hand with cnf evaluate --solver-from"
+        )
     n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
     data = load_eval_data(args.data, n, args.seed)[:n]
+    if isinstance(loaded, TransformedFlow):
+        # The solver only acts inside the preprocessing, whose log|det| is exact: the CNF's log p
+        # errors on the preprocessed points are the errors in data units.
+        with torch.no_grad():
+            data, _ = loaded.preprocess(data.to(next(loaded.parameters(), data).dtype), generator=torch.Generator().manual_seed(args.seed))
+        if not args.json:
+            maps = " -> ".join(t.kind for t in getattr(loaded.preprocess, "transforms", [loaded.preprocess]))
+            print(f"tuning the CNF inside the preprocessing ({maps}): its log p errors are those in data units")
     result = tuning.tune(
         flow,
         data,

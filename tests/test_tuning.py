@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -175,6 +176,49 @@ def test_cli_tune_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -
     capsys.readouterr()
     assert main(["tune", "--checkpoint", str(planar / "checkpoint.pt"), "--data", "moons"]) == 2
     assert "needs a CNF checkpoint" in capsys.readouterr().err
+
+
+def test_cli_tune_measures_a_preprocessed_flow_in_data_units(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A CLI run on a table is a TransformedFlow: tune measures the CNF inside the preprocessing,
+    whose log p errors equal those of the whole flow in data units (checked here independently)."""
+    table = tmp_path / "table.npy"
+    rng = np.random.default_rng(0)
+    np.save(table, (rng.normal(size=(200, 3)) * [100.0, 1.0, 0.01] + [5.0, 0.0, -3.0]).astype(np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(table), "--preprocess", "standardize", "--iters", "2", "--hidden", "8",
+                 "--out", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    checkpoint = str(run / "checkpoint.pt")
+    code = main(
+        ["tune", "--checkpoint", checkpoint, "--data", str(table), "--methods", "euler", "--step-sizes", "0.5",
+         "--no-mixed", "--n", "16", "--fresh-blocks", "1", "--repeats", "1", "--no-gradients",
+         "--out", str(tmp_path / "tune")]
+    )  # fmt: skip
+    assert code == 0
+    assert "tuning the CNF inside the preprocessing (standardize)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "tune" / "tune.json").read_text())["rows"]
+    row = next(r for r in rows if r["method"] == "euler")
+    flow, _ = cnf.load_checkpoint(checkpoint)
+    reference, _ = cnf.load_checkpoint(checkpoint)
+    x = torch.from_numpy(np.load(table)[:16])
+    flow.flow.solver = cnf.Solver("euler", step_size=0.5)
+    reference.flow.solver = cnf.Solver("dopri8", rtol=1e-10, atol=1e-10)
+    with torch.no_grad():
+        coarse = flow.log_prob(x).double()
+        exact = reference.double().log_prob(x.double())
+    assert row["logp_err_mean"] > 1e-4  # a coarse solve: the comparison below has something to see
+    np.testing.assert_allclose(row["logp_err_mean"], (coarse - exact).abs().mean().item(), rtol=1e-3)
+
+
+def test_cli_tune_refuses_a_conditional_flow(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table = tmp_path / "table.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(table), "--context-columns", "2", "--iters", "1", "--hidden", "4",
+                 "--out", str(run)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["tune", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(table)]) == 2
+    assert "cnf tune measures unconditional CNFs" in capsys.readouterr().err
 
 
 def test_cli_tune_without_gradients_draws_its_plot(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
