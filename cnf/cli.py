@@ -270,7 +270,10 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
         fit_context_standardization(model, contexts[0])
         model.context_columns = run["context_columns"] = list(args.context_columns)
     flow = preprocessed(args, run["data"], model, splits[0])
-    objective = args.objective or default_objective(dim, data_kind)
+    # Planar flows have no velocity field to match: they train by maximum likelihood.
+    objective = args.objective or ("likelihood" if args.model == "planar" else default_objective(dim, data_kind))
+    if args.model == "planar" and objective != "likelihood":
+        raise ValueError(f"--model planar trains by maximum likelihood (--objective likelihood), got --objective {objective}")
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
     dequantized = getattr(flow, "bin_width", None) is not None
     base = recipe(

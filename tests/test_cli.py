@@ -122,3 +122,17 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     with pytest.raises(SystemExit):
         main(["train", "--time-limit", "-3"])
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Tables default to OT flow matching, which needs a velocity field: a planar flow takes maximum
+    likelihood instead, and an explicit flow-matching objective is refused naming both flags."""
+    table = tmp_path / "table.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    out = tmp_path / "planar"
+    assert main(["train", "--data", str(table), "--model", "planar", "--layers", "2", "--iters", "2", "--out", str(out)]) == 0
+    assert "training likelihood with" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["model"] == "planar"
+    bad = ["train", "--data", str(table), "--model", "planar", "--objective", "ot_flow_matching", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2
+    assert "--model planar trains by maximum likelihood (--objective likelihood), got --objective ot_flow_matching" in capsys.readouterr().err
