@@ -337,15 +337,33 @@ def load_checkpoint(
 
 
 def config_differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    """``name: saved -> current`` for every entry that differs between two configs."""
+    """``name: saved -> current`` for every entry that differs between two configs.
+
+    Nested dicts and lists of them (a preprocessing pipeline) are compared entry by entry, tensors
+    (a whitening's mean and matrix) by value."""
+    name = prefix.rstrip(".")
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(set(saved) | set(current), key=str):
             out += config_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
         return out
+    if isinstance(saved, torch.Tensor) or isinstance(current, torch.Tensor):
+        same = (
+            isinstance(saved, torch.Tensor)
+            and isinstance(current, torch.Tensor)
+            and saved.shape == current.shape
+            and torch.equal(saved.detach().cpu().to(current.dtype), current.detach().cpu())
+        )
+        return [] if same else [f"{name}: the checkpoint's tensor differs from this one"]
     if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
         saved, current = list(saved), list(current)
-    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved!r} in the checkpoint, {current!r} here"]
+        nested = any(isinstance(v, (dict, list, tuple, torch.Tensor)) for v in saved + current)
+        if nested and len(saved) == len(current):
+            out = []
+            for index, (a, b) in enumerate(zip(saved, current)):
+                out += config_differences(a, b, f"{prefix}{index}.")
+            return out
+    return [] if saved == current else [f"{name}: {saved!r} in the checkpoint, {current!r} here"]
 
 
 def load_weights(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cnf.cli import main
 
@@ -136,3 +137,26 @@ def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: 
     bad = ["train", "--data", str(table), "--model", "planar", "--objective", "ot_flow_matching", "--out", str(tmp_path / "b")]
     assert main(bad) == 2
     assert "--model planar trains by maximum likelihood (--objective likelihood), got --objective ot_flow_matching" in capsys.readouterr().err
+
+
+def test_a_table_run_with_whitening_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The whitening's mean and matrix are tensors in the config that resuming compares (it used
+    to stop with 'Boolean value of Tensor with more than one value is ambiguous')."""
+    from cnf.checkpoint import config_differences
+
+    table = tmp_path / "table.npy"
+    rng = np.random.default_rng(0)
+    np.save(table, (rng.normal(size=(200, 3)) @ [[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 2.0]]).astype(np.float32))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(table), "--iters", "2", "--hidden", "8", "--out", str(out)]) == 0
+    assert "whiten" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out), "--iters", "4"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+    config = {"transforms": [{"kind": "whiten", "matrix": torch.eye(2)}], "hidden": [8]}
+    same = {"transforms": [{"kind": "whiten", "matrix": torch.eye(2)}], "hidden": [8]}
+    assert config_differences(config, same) == []
+    other = {"transforms": [{"kind": "whiten", "matrix": 2 * torch.eye(2)}], "hidden": [16]}
+    assert config_differences(config, other) == [
+        "hidden: [8] in the checkpoint, [16] here",
+        "transforms.0.matrix: the checkpoint's tensor differs from this one",
+    ]
