@@ -416,6 +416,10 @@ def check_out_folder(out: Path, resume: Path | None, overwrite: bool) -> None:
 
 
 def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
+    if args.resume is not None and args.data is None and args.model != "vae":
+        saved_data = (read_checkpoint(_resume_path(args.resume)).get("run") or {}).get("data")
+        if cli_images.is_image_source(saved_data):  # an image run continues on its own images
+            args.data = saved_data
     # --model vae takes the binarised images itself (fashion-mnist is also an image dataset name)
     if args.model != "vae" and cli_images.is_image_source(args.data):  # integer images: the image recipe
         if cluster.distributed:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnf.checkpoint import load_checkpoint
 from cnf.data.images import IMAGE_DATASETS, ImageSplits, check_images, load_images, split_images
 from cnf.images import (
     IMAGE_MODELS,
@@ -113,13 +115,21 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     # (a digits training step took 2.3 s on one thread and ~50 s on two while 5 jobs ran).
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
-    flow = build_image_model(args, splits)
+    from cnf.cli import _resume_path, check_out_folder  # cnf.cli imports this module
+
+    resume = _resume_path(args.resume) if args.resume is not None else None
+    payload = None
+    if resume is not None:  # the run's own model and settings; the flags given change the settings
+        flow, payload = load_checkpoint(resume)
+    else:
+        flow = build_image_model(args, splits)
     model = image_model(flow)
     # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
     objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
     base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
     given = {
+        "objective": args.objective,
         "iters": args.iters,
         "batch_size": _given(args, "batch_size"),
         "lr": _given(args, "lr"),
@@ -130,12 +140,15 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         "lr_schedule": args.lr_schedule,
         "ema_decay": getattr(args, "ema_decay", None),
     }
+    if payload is not None:
+        base = asdict(TrainSettings.from_dict(payload["settings"]))
+        if args.time_limit is not None:
+            given["time_limit"] = args.time_limit
     settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
-    from cnf.cli import _resume_path, check_out_folder  # cnf.cli imports this module
-
-    out = Path(args.out or "runs/default")
-    resume = _resume_path(args.resume) if args.resume is not None else None
+    out = Path(args.out) if args.out else resume.parent if resume is not None else Path("runs/default")
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
+    if resume is not None:
+        print(f"resuming {resume} on {args.data}")
     print(describe_image_run(flow, splits, settings, torch.get_num_threads(), threads))
     # threads None / "auto": train keeps the one thread set above (and one OT solver per core)
     run = {"data": args.data, "seed": 0}  # cnf evaluate scores this file's test split

@@ -128,3 +128,18 @@ def test_train_scores_at_most_the_capped_number_of_test_images(
     with pytest.raises(SystemExit):
         main(["evaluate", "--checkpoint", checkpoint, "--data", str(image_file), "--n", "0"])
     assert "--n: must be a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_an_image_run_resumes_in_its_own_folder(
+    image_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--resume alone finds the run's images and continues in the run's folder (it used to take
+    the images for a toy name, and with --data to write to runs/default)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(image_file), "--iters", "2", "--hidden", "4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--iters", "3"]) == 0
+    assert f"resuming {out / 'checkpoint.pt'} on {image_file}" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert not (tmp_path / "runs").exists()
