@@ -652,6 +652,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
+    expected = getattr(flow, "dim", None)
+    if isinstance(expected, int) and tuple(data.shape[1:]) != (expected,):
+        after = " after its context columns" if context is not None else ""
+        raise ValueError(
+            f"--data {args.data!r} has points of shape {tuple(data.shape[1:])}{after}; "
+            f"the checkpoint {args.checkpoint!r} takes points of shape ({expected},)"
+        )
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
     exact = args.solver_from is None
     if context is None:

@@ -113,6 +113,8 @@ def test_evaluate_scores_the_training_files_test_split(tmp_path: Path, capsys: p
     assert evaluate(copy, "--split", "test")["n"] == 20  # the same split rule, seed 0
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "moons", "--split", "test"]) == 2
     assert "--split test applies to a .npy/.csv file, got --data 'moons'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "moons"]) == 2
+    assert "--data 'moons' has points of shape (2,); the checkpoint" in capsys.readouterr().err
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
