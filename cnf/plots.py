@@ -884,6 +884,69 @@ def plot_training_curves(
     return _save(fig, path, dpi)
 
 
+def plot_sample_pairs(
+    flow: Any,
+    data: Any = None,
+    *,
+    dims: Sequence[int] | None = None,
+    n: int = 2000,
+    seed: int = 0,
+    title: str | None = None,
+    path: PathLike | None = None,
+    dpi: float = 100,
+) -> Figure:
+    """Samples of a flow on any number of dimensions beside data: a pair plot of ``dims`` (default
+    the first four), histograms of each on the diagonal, scatter of each pair below it; samples in
+    orange, the data in grey (histograms) and black (scatter, on top). ``n`` samples (drawn with
+    ``seed``) and at most ``n`` data rows."""
+    if not callable(getattr(flow, "sample", None)):
+        raise TypeError(f"flow must have sample(n), got {flow!r}")
+    if getattr(flow, "context_dim", None) is not None:
+        raise ValueError("plot_sample_pairs draws unconditional flows; this one needs a context")
+    n = _check_positive_int("n", n)
+    with torch.no_grad():
+        generator = torch.Generator(device=_flow_device(flow)).manual_seed(seed)
+        samples = flow.sample(n, generator=generator).detach().cpu().double().numpy().reshape(n, -1)
+    dim = samples.shape[1]
+    dims = list(range(min(dim, 4))) if dims is None else [int(d) for d in dims]
+    if not dims or any(not 0 <= d < dim for d in dims):
+        raise ValueError(f"dims must be indices of the flow's {dim} dimensions, got {dims!r}")
+    data_np = None
+    if data is not None:
+        data_np = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        data_np = data_np.astype(float).reshape(data_np.shape[0], -1)[:n]
+        if data_np.shape[1] != dim:
+            raise ValueError(f"data has {data_np.shape[1]} dimensions, the flow {dim}")
+    k = len(dims)
+    fig = _new_figure(k, k, panel=2.2, title_space=0.1)
+    axes = np.asarray(fig.subplots(k, k, squeeze=False))
+    for row, i in enumerate(dims):
+        for col, j in enumerate(dims):
+            ax = axes[row, col]
+            if col > row:
+                ax.set_axis_off()
+                continue
+            if row == col:
+                reference = samples[:, i] if data_np is None else np.concatenate([samples[:, i], data_np[:, i]])
+                bins = np.histogram_bin_edges(reference, bins=40)
+                if data_np is not None:
+                    ax.hist(data_np[:, i], bins=bins, density=True, color="0.6", label="data")
+                ax.hist(samples[:, i], bins=bins, density=True, histtype="step", color="tab:orange", label="flow")
+            else:  # the data on top: often far fewer points than the samples
+                ax.scatter(samples[:, j], samples[:, i], s=2, color="tab:orange", alpha=0.4, linewidths=0)
+                if data_np is not None:
+                    ax.scatter(data_np[:, j], data_np[:, i], s=3, color="black", alpha=0.7, linewidths=0)
+            if row == k - 1:
+                ax.set_xlabel(f"x{j}")
+            if col == 0 and row > 0:
+                ax.set_ylabel(f"x{i}")
+            ax.tick_params(labelsize=6)
+    if data_np is not None:
+        axes[0, 0].legend(fontsize=6)
+    fig.suptitle(title or f"{n} flow samples (orange) and the data (grey / black), dimensions {dims} of {dim}", fontsize=9)
+    return _save(fig, path, dpi)
+
+
 def plot_all(
     flow: Any,
     out: PathLike,
@@ -908,7 +971,25 @@ def plot_all(
     ``animate`` (``frames`` frames; the default 17 puts a frame on every multiple of 1/16,
     so the other plots reuse its grids); ``training_curves.png`` when ``log`` (a
     train_log.jsonl or its records) has records. Grids are computed once per time.
+    A flow on more dimensions (an unconditional one) gets ``sample_pairs.png``
+    (:func:`plot_sample_pairs`, samples beside ``data``) and the training curves instead.
     """
+    dim = getattr(flow, "dim", None)
+    if isinstance(dim, int) and dim > 2 and getattr(flow, "context_dim", None) is None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "sample_pairs.png"]
+        plot_sample_pairs(flow, data, title=title, path=written[0], dpi=dpi)
+        has_log = log is not None and (not isinstance(log, (str, os.PathLike)) or Path(log).is_file())
+        if has_log and any("loss" in r for r in read_train_log(log)):
+            written.append(out / "training_curves.png")
+            plot_training_curves(log, path=written[-1], dpi=dpi)
+        return written
+    if isinstance(dim, int) and dim > 2:
+        raise ValueError(
+            f"flow is conditional on {dim} dimensions: plots draw 2-D flows and unconditional ones on "
+            "more dimensions; draw its samples with `cnf sample --context`"
+        )
     _check_flow(flow)
     times = _check_times(times)
     out = Path(out)

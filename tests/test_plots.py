@@ -264,3 +264,27 @@ def test_planar_field_ode_is_the_exact_solve_of_the_planar_field(planar_flow: cn
             np.testing.assert_allclose(exact.log_prob(x, t), numeric.log_prob(x, t), atol=1e-4)
         np.testing.assert_array_equal(exact.log_prob(x, 0.0), planar_flow.log_prob(x, 0.0))
         assert (exact.log_prob(x) - planar_flow.log_prob(x)).abs().max() > 1e-2
+
+
+def test_sample_pairs_draws_the_flows_samples_beside_the_data(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Beyond 2-D: the lower triangle scatters the chosen pairs of the flow's own samples (seeded)
+    and of the data; `cnf plot` writes it with the training curves for such a checkpoint."""
+    flow = cnf.CNF(cnf.LinearField(torch.diag(torch.tensor([0.5, -0.3, 0.2]))))
+    data = torch.randn(50, 3) * torch.tensor([1.0, 2.0, 3.0])
+    fig = plots.plot_sample_pairs(flow, data, dims=[2, 0], n=100, seed=4, path=tmp_path / "pairs.png")
+    assert_drawn(tmp_path / "pairs.png")
+    axes = fig.axes
+    assert sum(ax.axison for ax in axes) == 3  # two diagonal histograms, one scatter
+    scatter = axes[2]  # row 1 (dimension 0) against column 0 (dimension 2)
+    expected = flow.sample(100, generator=torch.Generator().manual_seed(4)).detach().numpy()
+    np.testing.assert_allclose(scatter.collections[0].get_offsets(), expected[:, [2, 0]], rtol=1e-5)
+    np.testing.assert_allclose(scatter.collections[1].get_offsets(), data.numpy()[:, [2, 0]], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"dims must be indices of the flow's 3 dimensions, got \[3\]"):
+        plots.plot_sample_pairs(flow, dims=[3])
+
+    cnf.save_checkpoint(tmp_path / "run" / "checkpoint.pt", cnf.CNF(cnf.MLPField(3, hidden=(4,))))
+    _write_log(tmp_path / "run" / "train_log.jsonl")
+    assert cli_main(["plot", "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--out", str(tmp_path / "out")]) == 0
+    assert "sample_pairs.png" in capsys.readouterr().out
+    assert_drawn(tmp_path / "out" / "sample_pairs.png")
+    assert_drawn(tmp_path / "out" / "training_curves.png")
