@@ -62,6 +62,9 @@ def test_mixed_integer_columns_are_said_and_flags_override() -> None:
         choose_preprocessing(integers, ["standardize", "dequantize"])
     with pytest.raises(ValueError, match=r"non-integer values"):
         choose_preprocessing(mixed, "dequantize")
+    # data that are one constant used to fail as "levels must be an int >= 2, got 1"
+    with pytest.raises(ValueError, match=r"every value of the training data is 1: one constant"):
+        choose_preprocessing(torch.ones(20, 3, dtype=F64))
 
 
 def test_cli_trains_digits_and_reports_bits_per_dim(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -87,6 +87,10 @@ def choose_preprocessing(
     notes: list[str] = []
     integer = _integer_columns(train)
     minimum, maximum = train.min().item(), train.max().item()
+    if minimum == maximum:
+        raise ValueError(
+            f"every value of the training data is {minimum:g}: one constant, no distribution to fit"
+        )
     if auto:
         chosen = []
         span = int(round(maximum - minimum)) + 1
