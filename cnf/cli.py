@@ -149,7 +149,14 @@ def load_splits(source: str, n_train: int, seed: int) -> tuple[torch.Tensor, tor
         data = load_real(source)
         return data.train, data.val, data.test
     if is_file_source(source):
-        return split(load_data(source), seed=seed)
+        rows = load_data(source)
+        try:
+            return split(rows, seed=seed)
+        except ValueError as error:
+            raise ValueError(
+                f"--data {source!r} has {rows.shape[0]} rows, too few to split 80/10/10 into training, "
+                f"validation and test rows ({error})"
+            ) from None
     train_set = load_data(source, n=n_train, seed=seed)
     val_set = load_data(source, n=2_000, seed=seed + 1)
     test_set = load_data(source, n=DEFAULT_TEST_SIZE, seed=TEST_SEED)

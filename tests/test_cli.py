@@ -118,6 +118,9 @@ def test_evaluate_scores_the_training_files_test_split(tmp_path: Path, capsys: p
 
 
 def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    np.save(tmp_path / "five.npy", np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32))
+    assert main(["train", "--data", str(tmp_path / "five.npy"), "--out", str(tmp_path / "r")]) == 2
+    assert "five.npy' has 5 rows, too few to split 80/10/10" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--data", "moons"]) == 2
     assert "missing.pt' does not exist" in capsys.readouterr().err
     assert main(["train", "--data", "spiral-galaxy", "--iters", "1", "--out", str(tmp_path)]) == 2
