@@ -423,8 +423,10 @@ def check_out_folder(out: Path, resume: Path | None, overwrite: bool) -> None:
 
 
 def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
-    if args.resume is not None and args.data is None and args.model != "vae":
-        saved_data = (read_checkpoint(_resume_path(args.resume)).get("run") or {}).get("data")
+    resume = _resume_path(args.resume) if args.resume is not None else None
+    saved = read_checkpoint(resume) if resume is not None else None
+    if saved is not None and args.data is None and args.model != "vae":
+        saved_data = (saved.get("run") or {}).get("data")
         if cli_images.is_image_source(saved_data):  # an image run continues on its own images
             args.data = saved_data
     # --model vae takes the binarised images itself (fashion-mnist is also an image dataset name)
@@ -434,8 +436,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
                 f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
             )
         return cli_images.cmd_train_images(args)
-    resume = _resume_path(args.resume) if args.resume is not None else None
-    if args.model == "vae" or (resume is not None and (read_checkpoint(resume).get("config") or {}).get("kind") == "vae"):
+    if args.model == "vae" or (saved is not None and (saved.get("config") or {}).get("kind") == "vae"):
         if cluster.distributed:
             raise ValueError(f"--model vae trains on one process, got {cluster.world_size} (drop --nproc / torchrun)")
         return cmd_train_vae(args, resume)
