@@ -124,10 +124,12 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     else:
         flow = build_image_model(args, splits)
     model = image_model(flow)
-    # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
-    objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
-    time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-    base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
+    if payload is not None:
+        base = asdict(TrainSettings.from_dict(payload["settings"]))
+    else:  # flow matching needs one velocity field: a multi-scale CNF trains by likelihood by default
+        objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
+        time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
+        base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
     given = {
         "objective": args.objective,
         "iters": args.iters,
@@ -139,11 +141,8 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         "jacobian_weight": args.jacobian_weight,
         "lr_schedule": args.lr_schedule,
         "ema_decay": getattr(args, "ema_decay", None),
+        "time_limit": args.time_limit,
     }
-    if payload is not None:
-        base = asdict(TrainSettings.from_dict(payload["settings"]))
-        if args.time_limit is not None:
-            given["time_limit"] = args.time_limit
     settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
     out = Path(args.out) if args.out else resume.parent if resume is not None else Path("runs/default")
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
@@ -229,8 +228,10 @@ def evaluate_images(
     else:
         images = torch.from_numpy(np.load(source, allow_pickle=False).astype(np.int64))
     if scored is not None:
+        from cnf.cli import scored_phrase  # cnf.cli imports this module
+
         total = np.load(source, mmap_mode="r", allow_pickle=False).shape[0]
-        scored = f"all {total} images {scored}" if test_seed is None else f"{images.shape[0]} of {total} images{scored}"
+        scored = scored_phrase(test_seed, scored, images.shape[0], total, unit="images")
     images = images[:n] if n is not None else images
     set_solver(flow, solver or IMAGE_RECIPE.eval_solver)
     score = evaluate_bits_per_dim(flow, images)
