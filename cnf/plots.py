@@ -975,16 +975,53 @@ def plot_all(
     (:func:`plot_sample_pairs`, samples beside ``data``) and the training curves instead.
     """
     dim = getattr(flow, "dim", None)
-    if isinstance(dim, int) and dim > 2 and getattr(flow, "context_dim", None) is None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        written = [out / "sample_pairs.png"]
-        plot_sample_pairs(flow, data, title=title, path=written[0], dpi=dpi)
-        has_log = log is not None and (not isinstance(log, (str, os.PathLike)) or Path(log).is_file())
-        if has_log and any("loss" in r for r in read_train_log(log)):
-            written.append(out / "training_curves.png")
-            plot_training_curves(log, path=written[-1], dpi=dpi)
-        return written
+    pairs = isinstance(dim, int) and dim > 2  # samples beside the data instead of grids
+    if pairs and getattr(flow, "context_dim", None) is not None:
+        raise ValueError(
+            f"flow is conditional on {dim} dimensions: plots draw 2-D flows and unconditional ones on "
+            "more dimensions; draw its samples with `cnf sample --context`"
+        )
+    if not pairs:
+        _check_flow(flow)
+        times = _check_times(times)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def keep(name: str) -> Path:
+        written.append(out / name)
+        return out / name
+
+    if pairs:
+        plot_sample_pairs(flow, data, title=title, path=keep("sample_pairs.png"), dpi=dpi)
+    else:
+        data_np = _to_numpy(data)
+        box = _check_bounds(bounds) if bounds is not None else default_bounds(flow, data_np)
+        grid = {"bounds": box, "resolution": resolution, "tolerance": tolerance}
+        token = _GRID_CACHE.set({})
+        try:
+            if animate:
+                animate_path(flow, keep("path.gif"), frames=frames, data=data_np, **grid)
+            plot_probability_path(
+                flow, times, data=data_np, title=title, path=keep("probability_path.png"), dpi=dpi, **grid
+            )
+            plot_trajectories(flow, title=title, path=keep("trajectories.png"), dpi=dpi, **grid)
+            plot_velocity_field(flow, path=keep("velocity_field.png"), dpi=dpi, **grid)
+            if isinstance(flow, PlanarFlow):
+                plot_discrete_vs_continuous(
+                    flow, data=data_np, path=keep("discrete_vs_continuous.png"), dpi=dpi, **grid
+                )
+            elif planar is not None:
+                plot_discrete_vs_continuous(
+                    planar, flow, data=data_np, path=keep("discrete_vs_continuous.png"), dpi=dpi, **grid
+                )
+        finally:
+            _GRID_CACHE.reset(token)
+    if log is not None and (not isinstance(log, (str, os.PathLike)) or Path(log).is_file()):
+        records = read_train_log(log)
+        if any("loss" in r for r in records):
+            plot_training_curves(records, path=keep("training_curves.png"), dpi=dpi)
+    return written
     if isinstance(dim, int) and dim > 2:
         raise ValueError(
             f"flow is conditional on {dim} dimensions: plots draw 2-D flows and unconditional ones on "
