@@ -32,11 +32,12 @@ from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import ACTIVATIONS, CONTEXT_MODES, MLPField
 from cnf.flow import CNF
+from cnf.images import IMAGE_RECIPE
 from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
 from cnf.pairings import describe_solvers
 from cnf.planar import ConditionalPlanarFlow, PlanarFlow
-from cnf.recipes import default_objective, exact_evaluation, model_recipe, recipe
+from cnf.recipes import EVALUATION_SOLVER, TOY_DIM, default_objective, exact_evaluation, model_recipe, recipe
 from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
@@ -85,6 +86,10 @@ TRAIN_FLAGS = (
     "seed",
 )
 DEFAULT_TIME_LIMIT = 90.0
+
+
+def _words(values: Sequence[Any]) -> str:
+    return " ".join(str(v) for v in values)
 
 
 def _flag(name: str) -> str:
@@ -230,6 +235,26 @@ def preprocessed(
     for note in notes:
         print(f"preprocessing ({args.preprocess}): {note}")
     return flow if preprocess is None else TransformedFlow(flow, preprocess)
+
+
+def describe_model(flow: torch.nn.Module) -> str:
+    """The model of a vector run in words, as ``cnf train`` prints it before training."""
+    inner = flow.flow if isinstance(flow, TransformedFlow) else flow
+    if isinstance(inner, (PlanarFlow, ConditionalPlanarFlow)):
+        return f"planar flow, {inner.layers} layers"
+    if not isinstance(inner, CNF):
+        return type(inner).__name__
+    field, solver = inner.field, inner.solver
+    widths = "-".join(str(w) for w in getattr(field, "hidden", ()))
+    activation = getattr(field, "activation_name", None)
+    steps = f"step {solver.step_size:g}" if solver.step_size is not None else f"rtol {solver.rtol:g}, atol {solver.atol:g}"
+    evaluation = EVALUATION_SOLVER
+    return (
+        f"CNF, {type(field).__name__} {widths}" + (f" {activation}" if activation else "")
+        + f"; solves with {solver.method} ({steps}) and the {inner.divergence} divergence while training; "
+        f"test log p with the exact divergence, {evaluation['method']} (rtol {evaluation['rtol']:g}, "
+        f"atol {evaluation['atol']:g})"
+    )
 
 
 def known_true_nll(source: str, test_set: torch.Tensor) -> float | None:
@@ -459,6 +484,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     else:
         run, flow, settings, splits, contexts = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
+        print(f"model: {describe_model(flow)}")
     train_set, val_set, test_set = splits
     if cluster.is_main:  # rank 0 owns the run folder
         check_out_folder(out, resume, args.overwrite)
@@ -900,25 +926,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help="default 64 64 64")
+    p.add_argument(
+        "--hidden", type=int, nargs="+", default=None,
+        help=f"field widths (default {_words(MODEL_DEFAULTS['hidden'])} on 2-D toys, "
+        f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}; images: "
+        f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
+    )  # fmt: skip
     p.add_argument(
         "--activation", default=None, choices=tuple(ACTIVATIONS),
-        help="the field's activation (tanh, softplus, elu, silu, relu); with "
-        "--model vae the CNF posterior's (default tanh)",
+        help="the field's activation (default tanh; images: softplus); with --model vae the CNF "
+        "posterior's (default tanh)",
     )  # fmt: skip
-    p.add_argument("--divergence", default=None, help="exact (default) or hutchinson")
-    p.add_argument("--noise", default=None)
-    p.add_argument("--method", default=None, help="ODE solver (default dopri5)")
-    p.add_argument("--rtol", type=positive_float, default=None, help="default 1e-5")
-    p.add_argument("--atol", type=positive_float, default=None, help="default 1e-5")
+    p.add_argument(
+        "--divergence", default=None,
+        help="exact or hutchinson while training (default exact; hutchinson for maximum likelihood on "
+        "tables from d = 16 and on images); likelihoods of vectors are reported with the exact one "
+        "(images: Hutchinson, an unbiased estimate)",
+    )  # fmt: skip
+    p.add_argument(
+        "--noise", default=None,
+        help="Hutchinson probe: gaussian (default on 2-D toys) or rademacher (tables, images)",
+    )  # fmt: skip
+    p.add_argument(
+        "--method", default=None,
+        help=f"ODE solver while training (default dopri5; images: {IMAGE_RECIPE.train_solver.method} with step "
+        f"{IMAGE_RECIPE.train_solver.step_size:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--rtol", type=positive_float, default=None,
+        help="while training (default 1e-5 on 2-D toys, 1e-3 on tables with d > 2); reported likelihoods "
+        f"use {EVALUATION_SOLVER['rtol']:g}",
+    )  # fmt: skip
+    p.add_argument("--atol", type=positive_float, default=None, help="as --rtol")
     p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--layers", type=int, default=None, help="planar layers K (default 32)")
     p.add_argument(
         "--objective",
         choices=tuple(OBJECTIVES),
         default=None,
-        help="likelihood (default; + RNODE with the weights below), flow_matching or "
-        "ot_flow_matching (simulation-free)",
+        help="likelihood (+ RNODE with the weights below), flow_matching or ot_flow_matching "
+        "(simulation-free); default likelihood on 2-D toys and for --model planar, ot_flow_matching "
+        "on tables and files with d > 2, flow_matching on images, elbo for --model vae",
     )
     p.add_argument(
         "--kinetic-weight", type=float, default=None, help="RNODE kinetic-energy weight (0.01 in the paper)"
@@ -946,7 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--alpha", type=float, default=None,
-        help="logit margin alpha (default: RealNVP's 0.05 for tables and vectors, 1e-4 for images)",
+        help=f"logit margin alpha (default {DEFAULT_ALPHA:g} for tables and vectors, "
+        f"{IMAGE_RECIPE.alpha:g} for images)",
     )  # fmt: skip
     p.add_argument("--plot", action="store_true", help="draw the flow's plots at the end")
     p.add_argument(

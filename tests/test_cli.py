@@ -144,6 +144,32 @@ def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: 
     assert "--model planar trains by maximum likelihood (--objective likelihood), got --objective ot_flow_matching" in capsys.readouterr().err
 
 
+def test_train_says_its_model_and_help_names_the_recipes_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A new run prints the model it built (a table gets the real-data field, not the toys'), and
+    the help's defaults are the recipes' (it used to say alpha 0.05 and 64 64 64 for every run)."""
+    from cnf.cli import build_parser
+    from cnf.images import IMAGE_RECIPE
+    from cnf.recipes import model_recipe
+    from cnf.transforms import DEFAULT_ALPHA
+
+    table = tmp_path / "table.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    assert main(["train", "--data", str(table), "--hidden", "8", "8", "--iters", "2", "--out", str(tmp_path / "r")]) == 0
+    printed = capsys.readouterr().out
+    assert "model: CNF, MLPField 8-8 tanh; solves with dopri5 (rtol 0.001, atol 0.001) and the exact divergence" in printed
+    assert "test log p with the exact divergence, dopri5 (rtol 1e-05, atol 1e-05)" in printed
+    assert main(["train", "--model", "planar", "--layers", "3", "--iters", "2", "--out", str(tmp_path / "p")]) == 0
+    assert "model: planar flow, 3 layers" in capsys.readouterr().out
+
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    table_widths = " ".join(map(str, model_recipe(3, "tabular")["hidden"]))
+    assert f"{table_widths} on tables and files with d > 2" in text
+    assert f"logit margin alpha (default {DEFAULT_ALPHA:g} for tables and vectors, {IMAGE_RECIPE.alpha:g} for images)" in text
+    assert "ot_flow_matching on tables and files with d > 2" in text
+
+
 def test_a_table_run_with_whitening_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The whitening's mean and matrix are tensors in the config that resuming compares (it used
     to stop with 'Boolean value of Tensor with more than one value is ambiguous')."""
