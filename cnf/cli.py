@@ -885,6 +885,16 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps")
 
 
+class DefaultsShownFormatter(argparse.HelpFormatter):
+    """--help that adds each flag's fixed default (not None or a switch's True/False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, True, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cnf", description="Continuous normalizing flows.")
     parser.add_argument("--version", action="version", version=f"cnf {__version__}")
@@ -1047,11 +1057,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_option(p)
     p.set_defaults(run=cmd_evaluate)
 
-    p = commands.add_parser("sample", help="draw samples from a checkpoint into a .npy file")
+    p = commands.add_parser(
+        "sample", help="draw samples from a checkpoint into a .npy file", formatter_class=DefaultsShownFormatter
+    )
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="samples.npy")
+    p.add_argument("--n", type=int, default=1000, help="samples drawn (per context with --context-file)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base draws")
+    p.add_argument("--out", default="samples.npy", help="the .npy file written")
     p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
     p.add_argument(
         "--context-file", default=None, help=".npy/.csv of contexts, one per row: samples (n, rows, dim)"
@@ -1067,11 +1079,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true", help="confirm that you trust OLD")
     p.set_defaults(run=cmd_convert)
 
-    p = commands.add_parser("tune", help="measure solver settings on a trained CNF and recommend one")
+    p = commands.add_parser(
+        "tune", help="measure solver settings on a trained CNF and recommend one", formatter_class=DefaultsShownFormatter
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="dataset name or .npy/.csv file")
-    p.add_argument("--methods", nargs="+", default=list(tuning.DEFAULT_METHODS))
-    p.add_argument("--tolerances", type=positive_float, nargs="+", default=list(tuning.DEFAULT_TOLERANCES))
+    p.add_argument("--methods", nargs="+", default=list(tuning.DEFAULT_METHODS), help="torchdiffeq methods tried")
+    p.add_argument(
+        "--tolerances", type=positive_float, nargs="+", default=list(tuning.DEFAULT_TOLERANCES),
+        help="rtol and atol values of the adaptive methods",
+    )  # fmt: skip
     p.add_argument(
         "--step-sizes",
         type=positive_float,
@@ -1109,13 +1126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
     p.add_argument("--rank-by", choices=("nfe", "seconds"), default="nfe", help="what cheapest means")
-    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--seed", type=int, default=TEST_SEED, help="seed of the points drawn")
     p.add_argument("--out", default="tune", help="folder for tune.json, tune.md and tune.png")
     p.add_argument("--json", action="store_true", help="print the recommendations as one JSON object")
     p.set_defaults(run=cmd_tune)
 
-    p = commands.add_parser("plot", help="draw a checkpoint's probability path, trajectories, field, GIF")
-    p.add_argument("--checkpoint", required=True)
+    p = commands.add_parser(
+        "plot", help="draw a checkpoint's probability path, trajectories, field, GIF", formatter_class=DefaultsShownFormatter
+    )
+    p.add_argument("--checkpoint", required=True, help="the run's checkpoint.pt (or best.pt)")
     p.add_argument("--out", default="plots", help="output folder for the PNG/GIF files")
     p.add_argument(
         "--times", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="times of the path panels"

@@ -149,6 +149,7 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
 ) -> None:
     """A new run prints the model it built (a table gets the real-data field, not the toys'), and
     the help's defaults are the recipes' (it used to say alpha 0.05 and 64 64 64 for every run)."""
+    from cnf import tuning
     from cnf.cli import build_parser
     from cnf.images import IMAGE_RECIPE
     from cnf.recipes import model_recipe
@@ -168,6 +169,9 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     assert f"{table_widths} on tables and files with d > 2" in text
     assert f"logit margin alpha (default {DEFAULT_ALPHA:g} for tables and vectors, {IMAGE_RECIPE.alpha:g} for images)" in text
     assert "ot_flow_matching on tables and files with d > 2" in text
+    tune = " ".join(build_parser()._subparsers._group_actions[0].choices["tune"].format_help().split())
+    assert f"points scored per setting (default: {tuning.DEFAULT_N_LOGP})" in tune
+    assert "(default: None)" not in tune and "(default: True)" not in tune
 
 
 def test_a_table_run_with_whitening_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
