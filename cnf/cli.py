@@ -562,7 +562,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         f"trained {summary['model']} on {run['data']}: {result.step} steps in {result.seconds:.1f} s "
         f"(stopped by {result.stopped_by})\n"
         f"test log-likelihood: {-metrics['nll']:.4f} nats/sample (NLL {metrics['nll']:.4f}) "
-        f"on {metrics['n']} points, NFE {metrics['nfe']}"
+        f"on {metrics['n']} points, NFE {metrics['nfe']:g}"
         + (f", {metrics['bits_per_dim']:.4f} bits/dim" if "bits_per_dim" in metrics else "")
         + (f"; true NLL {true_nll:.4f}, excess {metrics['nll'] - true_nll:.4f}\n" if true_nll else "\n")
         + f"checkpoint: {result.checkpoint}{best}"
@@ -760,6 +760,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     generator = torch.Generator(device=device).manual_seed(args.seed)
     if args.context is not None and args.context_file is not None:
         raise ValueError("give --context or --context-file, not both")
+    context_dim = getattr(flow, "context_dim", None)
+    if context_dim is not None and args.context is None and args.context_file is None:
+        raise ValueError(
+            f"{args.checkpoint!r} is conditional (context_dim={context_dim}): pass --context or --context-file"
+        )
+    if context_dim is None and (args.context is not None or args.context_file is not None):
+        raise ValueError(f"--context and --context-file are for a conditional flow; {args.checkpoint!r} is unconditional")
     context = None
     if args.context is not None:
         context = parse_context(args.context)
@@ -843,6 +850,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
     flow, _ = load_checkpoint(args.checkpoint)
     if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
         return cli_images.plot_images(flow, args.out, args.data)
+    context_dim = getattr(flow, "context_dim", None)
+    contexts = None
+    if args.context is not None:
+        if context_dim is None:
+            raise ValueError(f"--context is for a conditional flow; {args.checkpoint!r} is unconditional")
+        contexts = torch.stack([parse_context(text) for text in args.context])
+        if contexts.shape[1] != context_dim:
+            raise ValueError(
+                f"--context needs {context_dim} comma-separated value(s) per context (the flow's context_dim), "
+                f"got {args.context[0]!r}"
+            )
+    if context_dim is not None and args.data is not None:
+        raise ValueError("--data is not drawn beside a conditional flow's densities; choose contexts with --context")
     data = None
     if args.data is not None:
         data = load_eval_data(args.data, args.n, TEST_SEED)
@@ -862,6 +882,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         frames=args.frames,
         resolution=args.resolution,
         planar=planar,
+        contexts=contexts,
     )
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
@@ -1145,6 +1166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=2000, help="points drawn of a named dataset")
     p.add_argument("--resolution", type=int, default=80, help="grid points per axis")
     p.add_argument("--planar", default=None, help="planar-flow checkpoint to compare a CNF with")
+    p.add_argument(
+        "--context", nargs="+", default=None, metavar="C",
+        help='contexts of a conditional flow, one panel each, e.g. "--context -0.5 0.5" or "0.3,1.2" '
+        "for k = 2 (default: the training contexts' mean and mean +- one standard deviation)",
+    )  # fmt: skip
     p.set_defaults(run=cmd_plot)
     return parser
 

@@ -534,6 +534,28 @@ def plot_densities(
     return _save(fig, path, dpi)
 
 
+def default_contexts(flow: nn.Module) -> torch.Tensor:
+    """Three contexts (3, k) of a conditional flow: the mean of its training contexts and the mean
+    +- one standard deviation (from its :class:`cnf.context.ContextStandardization`; 0 and +-1
+    when it has none)."""
+    from cnf.context import ContextStandardization
+
+    k = flow.context_dim
+    found = next((m for m in flow.modules() if isinstance(m, ContextStandardization)), None)
+    mean = found.mean.detach().cpu().double() if found is not None else torch.zeros(k, dtype=torch.float64)
+    std = found.std.detach().cpu().double() if found is not None else torch.ones(k, dtype=torch.float64)
+    return mean + torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)[:, None] * std
+
+
+def conditional_bounds(flow: nn.Module, contexts: Any, *, samples: int = 1000) -> Bounds:
+    """A box (as :func:`default_bounds`) holding ``samples`` draws of a conditional flow at each
+    row of ``contexts``."""
+    contexts = torch.as_tensor(np.asarray(contexts, dtype=np.float64)).to(_flow_dtype(flow))
+    with torch.no_grad(), _plotting_solver(flow, 1e-3):
+        points = flow.sample(samples, context=contexts, generator=torch.Generator().manual_seed(0))
+    return default_bounds(data=points.reshape(-1, points.shape[-1]).cpu().numpy())
+
+
 def plot_conditional_densities(
     flow: nn.Module,
     contexts: Any,
@@ -962,6 +984,7 @@ def plot_all(
     tolerance: float | None = 1e-4,
     title: str | None = None,
     dpi: float = 100,
+    contexts: Any = None,
 ) -> list[Path]:
     """Write every plot of ``flow`` into the folder ``out``; return the written paths.
 
@@ -972,15 +995,25 @@ def plot_all(
     so the other plots reuse its grids); ``training_curves.png`` when ``log`` (a
     train_log.jsonl or its records) has records. Grids are computed once per time.
     A flow on more dimensions (an unconditional one) gets ``sample_pairs.png``
-    (:func:`plot_sample_pairs`, samples beside ``data``) and the training curves instead.
+    (:func:`plot_sample_pairs`, samples beside ``data``) and the training curves instead. A
+    conditional 2-D flow gets ``conditional_densities.png``, p(x | c) at each row of ``contexts``
+    (m, k) (:func:`plot_conditional_densities`; by default the training contexts' mean and mean
+    +- one standard deviation, as its context standardisation holds them), in a box holding its
+    samples at those contexts, and the training curves.
     """
     dim = getattr(flow, "dim", None)
+    conditional = getattr(flow, "context_dim", None) is not None
     pairs = isinstance(dim, int) and dim > 2  # samples beside the data instead of grids
-    if pairs and getattr(flow, "context_dim", None) is not None:
+    if pairs and conditional:
         raise ValueError(
             f"flow is conditional on {dim} dimensions: plots draw 2-D flows and unconditional ones on "
             "more dimensions; draw its samples with `cnf sample --context`"
         )
+    if conditional:
+        if data is not None:
+            raise ValueError("data are not drawn beside a conditional flow's densities; leave data out")
+    elif contexts is not None:
+        raise ValueError("contexts are for a conditional flow; this one is unconditional")
     if not pairs:
         _check_flow(flow)
         times = _check_times(times)
@@ -994,6 +1027,13 @@ def plot_all(
 
     if pairs:
         plot_sample_pairs(flow, data, title=title, path=keep("sample_pairs.png"), dpi=dpi)
+    elif conditional:
+        contexts = default_contexts(flow) if contexts is None else contexts
+        box = _check_bounds(bounds) if bounds is not None else conditional_bounds(flow, contexts)
+        plot_conditional_densities(
+            flow, contexts, bounds=box, resolution=resolution, tolerance=tolerance,
+            path=keep("conditional_densities.png"), dpi=dpi,
+        )  # fmt: skip
     else:
         data_np = _to_numpy(data)
         box = _check_bounds(bounds) if bounds is not None else default_bounds(flow, data_np)

@@ -112,7 +112,9 @@ def test_conditional_train_evaluate_sample(
     )
     assert np.load(samples).shape == (5, 3, 2)
     assert_fails(
-        capsys, "got None", ["sample", "--checkpoint", str(checkpoint), "--n", "5", "--out", str(samples)]
+        capsys,
+        r"conditional \(context_dim=2\): pass --context or --context-file",
+        ["sample", "--checkpoint", str(checkpoint), "--n", "5", "--out", str(samples)],
     )
     assert_fails(
         capsys,
@@ -124,6 +126,32 @@ def test_conditional_train_evaluate_sample(
         "--context must be comma-separated numbers",
         ["sample", "--checkpoint", str(checkpoint), "--context", "a,b", "--out", str(samples)],
     )
+
+
+def test_plot_draws_a_conditional_flow_at_its_contexts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`cnf plot` on a conditional 2-D flow draws p(x | c) per context (it used to stop with the
+    API's "pass context=" error): by default at the training contexts' mean +- one std."""
+    from cnf.plots import conditional_bounds, default_contexts
+
+    data = table(tmp_path / "table.npy")
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--context-columns", "1", "3", "--out", str(out), "--objective", "likelihood"]
+    assert main(args + TINY) == 0
+    flow, _ = cnf.load_checkpoint(out / "checkpoint.pt")
+    c = np.load(data)[:, [1, 3]].astype(np.float64)
+    train_rows = c[: int(0.8 * len(c))]  # not the exact split: the statistics agree to a few percent
+    expected = train_rows.mean(0) + np.array([-1.0, 0.0, 1.0])[:, None] * train_rows.std(0)
+    np.testing.assert_allclose(default_contexts(flow).numpy(), expected, rtol=0.05)
+    box = conditional_bounds(flow, default_contexts(flow), samples=200)
+    assert box[0] < box[1] and box[2] < box[3]
+    capsys.readouterr()
+    plots = tmp_path / "plots"
+    assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(plots), "--resolution", "12"]) == 0
+    assert (plots / "conditional_densities.png").stat().st_size > 0
+    given = ["plot", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(plots), "--resolution", "12"]
+    assert main(given + ["--context", "95,-5", "105,-5"]) == 0
+    assert_fails(capsys, r"--context needs 2 comma-separated value\(s\) per context", given + ["--context", "1"])
+    assert_fails(capsys, "--data is not drawn beside a conditional flow", given + ["--data", str(data)])
 
 
 def test_context_columns_need_a_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
