@@ -627,6 +627,12 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
                   flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
+    warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
+    patience = f", early stopping after {settings.patience} validations without gain" if settings.patience else ""
+    print(
+        f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "
+        f"{'-'.join(map(str, vae.hidden))}) on {run['data']}: {settings.describe()}{warmup}{patience}"
+    )
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
                    overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
     # k = 1000 on all 10,000 Fashion-MNIST test images outlasts the training: score a capped number
@@ -847,9 +853,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from cnf.plots import plot_all
 
-    flow, _ = load_checkpoint(args.checkpoint)
+    flow, payload = load_checkpoint(args.checkpoint)
     if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
         return cli_images.plot_images(flow, args.out, args.data)
+    if type(flow).__name__ == "VAE":  # reconstructions and prior samples as images
+        return plot_vae_checkpoint(flow, args, payload.get("run") or {})
     context_dim = getattr(flow, "context_dim", None)
     contexts = None
     if args.context is not None:
@@ -884,6 +892,28 @@ def cmd_plot(args: argparse.Namespace) -> int:
         planar=planar,
         contexts=contexts,
     )
+    print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def plot_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """``cnf plot`` of a VAE: test images of its data (``--data``, else the run's) and their
+    reconstructions, prior samples, and the training curves."""
+    from cnf.data.binarized import load_binarized
+    from cnf.plots import plot_training_curves
+    from cnf.vae.plots import plot_vae
+
+    name = args.data or run.get("data")
+    if name is None:
+        raise ValueError(f"checkpoint {args.checkpoint!r} does not record its data; pass --data digits|fashion-mnist")
+    data = load_binarized(name, seed=run.get("seed", 0))
+    if data.test.shape[1] != vae.dim:
+        raise ValueError(f"--data {name!r} has {data.test.shape[1]} pixels per image; the VAE takes {vae.dim}")
+    paths = plot_vae(vae, data.test, data.shape, args.out)
+    log = Path(args.checkpoint).parent / LOG_NAME
+    if log.is_file():
+        plot_training_curves(log, path=Path(args.out) / "training_curves.png")
+        paths.append(Path(args.out) / "training_curves.png")
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 

@@ -281,6 +281,7 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
             "--hidden", "16", "--flow-hidden", "8", "--latent-dim", "2", "--kl-warmup", "2", "--rtol", "1e-3",
             "--atol", "1e-3", "--iwae-samples", "4", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
+    assert "training a VAE (cnf posterior, 2-D latent, encoder and decoder 16) on digits: elbo with" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["posterior"] == "cnf" and summary["steps"] == 3 and summary["test_k"] == 4
     assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
@@ -292,6 +293,11 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
     assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
     assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
+
+    # cnf plot draws images of a VAE (it used to pair pixel coordinates as for a 64-D table)
+    plots = tmp_path / "plots"
+    assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(plots)]) == 0
+    assert {p.name for p in plots.iterdir()} == {"reconstructions.png", "samples.png", "training_curves.png"}
 
 
 def train_tiny_cnf_vae(out, *flags: str, iters: int = 2) -> VAE:

@@ -66,3 +66,24 @@ def plot_posteriors(
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return Path(path)
+
+
+def plot_vae(vae: torch.nn.Module, images: torch.Tensor, shape: Sequence[int], out: str | Path, *, seed: int = 0) -> list[Path]:
+    """``reconstructions.png`` (the first 8 of ``images`` (n, H*W) above E[x | z], z ~ q(z | x))
+    and ``samples.png`` (E[x | z] for 16 draws z ~ p(z), two rows) in the folder ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = images[:8]
+    vae.eval()
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        reconstructed = vae.reconstruct(shown)
+        prior = vae.sample(16, generator=torch.Generator().manual_seed(seed))
+    family = vae.posterior.family
+    return [
+        plot_image_rows(
+            {"test images": shown, f"{family} posterior": reconstructed}, shape, out / "reconstructions.png",
+            "test images and reconstructions E[x | z], z ~ q(z | x)",
+        ),
+        plot_image_rows({"p(z)": prior[:8], " ": prior[8:]}, shape, out / "samples.png", "E[x | z], z ~ p(z)"),
+    ]  # fmt: skip
