@@ -963,6 +963,21 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A float in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -1008,25 +1023,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="default cnf (images: unet where its halvings fit, else cnf, the conv field; unet and "
         "multiscale: images only)",
     )
-    p.add_argument("--iters", type=int, default=None, help="step cap (default: none with a time limit)")
+    p.add_argument("--iters", type=positive_int, default=None, help="step cap (default: none with a time limit)")
     p.add_argument(
         "--time-limit", type=positive_float, default=None, help="wall-clock limit in seconds (default 90)"
     )
     p.add_argument("--out", default=None, help="output folder (default runs/default; the run's with --resume)")
     p.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--lr", type=positive_float, default=None)
     p.add_argument("--lr-schedule", choices=("constant", "cosine"), default=None, help="learning-rate decay")
     p.add_argument(
-        "--ema-decay", type=float, default=None, help="EMA of the weights, in (0, 1); 0 turns it off"
+        "--ema-decay", type=unit_interval, default=None, help="EMA of the weights, in (0, 1); 0 turns it off"
     )
-    p.add_argument("--n-train", type=int, default=None, help="training points drawn of a named dataset")
-    p.add_argument("--val-every", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n-train", type=positive_int, default=None, help="training points drawn of a named dataset")
+    p.add_argument("--val-every", type=positive_int, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=None)
     p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
     p.add_argument(
-        "--hidden", type=int, nargs="+", default=None,
+        "--hidden", type=positive_int, nargs="+", default=None,
         help=f"field widths (default {_words(MODEL_DEFAULTS['hidden'])} on 2-D toys, "
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}; images: "
         f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
@@ -1058,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--atol", type=positive_float, default=None, help="as --rtol")
     p.add_argument("--adjoint", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--layers", type=int, default=None, help="planar layers K (default 32)")
+    p.add_argument("--layers", type=positive_int, default=None, help="planar layers K (default 32)")
     p.add_argument(
         "--objective",
         choices=tuple(OBJECTIVES),
@@ -1073,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jacobian-weight", type=float, default=None, help="RNODE Jacobian-norm weight (0.01 in the paper)"
     )
-    p.add_argument("--sigma-min", type=float, default=None, help="flow-matching path width at t=1")
+    p.add_argument("--sigma-min", type=unit_interval, default=None, help="flow-matching path width at t=1")
     p.add_argument(
         "--time-exponent", type=positive_float, default=None, metavar="K",
         help="flow matching: training times t = 1 - (1 - u)^K, u uniform (1: uniform; the real-data "
@@ -1085,7 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
         f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
     )
-    p.add_argument("--levels", type=int, default=None, help="integer levels of discrete data (dequantize)")
+    p.add_argument("--levels", type=positive_int, default=None, help="integer levels of discrete data (dequantize)")
     p.add_argument(
         "--test-n", type=positive_int, default=None, metavar="N",
         help="images and --model vae: score the first N test images at the end (default all, at most "
@@ -1103,19 +1118,19 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
     vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
-    vae.add_argument("--latent-dim", type=int, default=None, help="default 8")
-    vae.add_argument("--flow-hidden", type=int, nargs="+", default=None, help="posterior flow widths (64 64)")
+    vae.add_argument("--latent-dim", type=positive_int, default=None, help="default 8")
+    vae.add_argument("--flow-hidden", type=positive_int, nargs="+", default=None, help="posterior flow widths (64 64)")
     vae.add_argument(
         "--flow-context", choices=CONTEXT_MODES, default=None,
         help="how h(x) conditions the CNF posterior's field: concat (a bias, default) or film (scale and shift)",
     )  # fmt: skip
-    vae.add_argument("--kl-warmup", type=int, default=None, help="steps of linear KL warm-up (500)")
-    vae.add_argument("--patience", type=int, default=None, help="validations without gain before stopping (10)")
+    vae.add_argument("--kl-warmup", type=non_negative_int, default=None, help="steps of linear KL warm-up (500)")
+    vae.add_argument("--patience", type=positive_int, default=None, help="validations without gain before stopping (10)")
     vae.add_argument("--iwae-samples", type=positive_int, default=1000, help="k of the test importance-weighted bound")
     add_device_option(p)
     p.add_argument(
         "--nproc",
-        type=int,
+        type=positive_int,
         default=1,
         help="train on N local processes (torch.distributed, launched by torchrun; each uses cores / N "
         "threads); for several machines run torchrun --nnodes ... -m cnf train instead",
@@ -1135,7 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", type=positive_int, default=None,
         help=f"toy points drawn (default {DEFAULT_TEST_SIZE:,}); images and VAEs: the first N test images (default all)",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=TEST_SEED)
+    p.add_argument("--seed", type=non_negative_int, default=TEST_SEED)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
     p.add_argument(
@@ -1150,8 +1165,8 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", help="draw samples from a checkpoint into a .npy file", formatter_class=DefaultsShownFormatter
     )
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--n", type=int, default=1000, help="samples drawn (per context with --context-file)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base draws")
+    p.add_argument("--n", type=positive_int, default=1000, help="samples drawn (per context with --context-file)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the base draws")
     p.add_argument("--out", default="samples.npy", help="the .npy file written")
     p.add_argument("--context", default=None, help='one context for a conditional flow, e.g. "0.3,1.2"')
     p.add_argument(
@@ -1210,7 +1225,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=tuning.DEFAULT_GRAD_BUDGET,
         help="relative gradient error budget (training)",
     )
-    p.add_argument("--n", type=int, default=tuning.DEFAULT_N_LOGP, help="points scored per setting")
+    p.add_argument("--n", type=positive_int, default=tuning.DEFAULT_N_LOGP, help="points scored per setting")
     p.add_argument(
         "--fresh-blocks",
         type=int,
@@ -1223,11 +1238,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=tuning.DEFAULT_CONFIDENCE,
         help="level of the upper bound of the mean log p error that must meet --budget",
     )
-    p.add_argument("--n-grad", type=int, default=256, help="points of the gradient measurement")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per setting (median)")
+    p.add_argument("--n-grad", type=positive_int, default=256, help="points of the gradient measurement")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per setting (median)")
     p.add_argument("--no-gradients", action="store_true", help="skip the training direction")
     p.add_argument("--rank-by", choices=("nfe", "seconds"), default="nfe", help="what cheapest means")
-    p.add_argument("--seed", type=int, default=TEST_SEED, help="seed of the points drawn")
+    p.add_argument("--seed", type=non_negative_int, default=TEST_SEED, help="seed of the points drawn")
     p.add_argument("--out", default="tune", help="folder for tune.json, tune.md and tune.png")
     p.add_argument("--json", action="store_true", help="print the recommendations as one JSON object")
     p.set_defaults(run=cmd_tune)
@@ -1241,10 +1256,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--times", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="times of the path panels"
     )
     p.add_argument("--animate", action="store_true", help="also write path.gif")
-    p.add_argument("--frames", type=int, default=17, help="frames of the GIF")
+    p.add_argument("--frames", type=positive_int, default=17, help="frames of the GIF")
     p.add_argument("--data", default=None, help="dataset name or .npy/.csv file drawn beside the densities")
-    p.add_argument("--n", type=int, default=2000, help="points drawn of a named dataset")
-    p.add_argument("--resolution", type=int, default=80, help="grid points per axis")
+    p.add_argument("--n", type=positive_int, default=2000, help="points drawn of a named dataset")
+    p.add_argument("--resolution", type=positive_int, default=80, help="grid points per axis")
     p.add_argument("--planar", default=None, help="planar-flow checkpoint to compare a CNF with")
     p.add_argument(
         "--context", nargs="+", default=None, metavar="C",

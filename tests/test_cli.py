@@ -128,6 +128,15 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     with pytest.raises(SystemExit):
         main(["train", "--time-limit", "-3"])
     assert "must be positive" in capsys.readouterr().err
+    # numeric flags are checked by the parser, which names the flag (not the Python field behind it)
+    for flag, value, message in [
+        ("--n-train", "0", "must be a positive integer"), ("--batch-size", "0", "must be a positive integer"),
+        ("--hidden", "0", "must be a positive integer"), ("--seed", "-1", "must be a non-negative integer"),
+        ("--ema-decay", "1.5", "must lie in [0, 1)"), ("--sigma-min", "-0.1", "must lie in [0, 1)"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["train", flag, value])
+        assert f"argument {flag}: {message}, got '{value}'" in capsys.readouterr().err
 
 
 def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
