@@ -266,6 +266,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     the file and the reason for a damaged, unsafe, foreign or too new one.
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} is a folder; pass a file in it: best.pt (the best validation "
+            "weights) or checkpoint.pt (the last weights)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     raw = path.read_bytes()
@@ -284,7 +289,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         detail = next((line for line in lines if "Unsupported" in line), "unreadable pickle")
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file ({detail})") from None
     except Exception as error:  # torch raises several types for a damaged file
-        raise CheckpointError(f"checkpoint {str(path)!r} is corrupt or not a torch file: {error}") from None
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is corrupt or not a torch file ({type(error).__name__}: {error})"
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a cnf checkpoint (no 'format': {FORMAT!r})")
     version = payload.get("version")

@@ -670,6 +670,17 @@ def evaluate_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace) -> i
     return 0
 
 
+def check_width(flow: torch.nn.Module, data: torch.Tensor, args: argparse.Namespace, contexts: bool = False) -> None:
+    """A clear error when the points of ``--data`` (after its context columns) do not fit the flow."""
+    expected = getattr(flow, "dim", None)
+    if isinstance(expected, int) and tuple(data.shape[1:]) != (expected,):
+        after = " after its context columns" if contexts else ""
+        raise ValueError(
+            f"--data {args.data!r} has points of shape {tuple(data.shape[1:])}{after}; "
+            f"the checkpoint {args.checkpoint!r} takes points of shape ({expected},)"
+        )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.split != "auto" and not is_file_source(args.data):
         raise ValueError(f"--split {args.split} applies to a .npy/.csv file, got --data {args.data!r}")
@@ -692,13 +703,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         data = load_eval_data(args.data, args.n if args.n is not None else DEFAULT_TEST_SIZE, args.seed)
     (data,), (context,) = context_split([data], context_columns(payload.get("config")), args.data)
-    expected = getattr(flow, "dim", None)
-    if isinstance(expected, int) and tuple(data.shape[1:]) != (expected,):
-        after = " after its context columns" if context is not None else ""
-        raise ValueError(
-            f"--data {args.data!r} has points of shape {tuple(data.shape[1:])}{after}; "
-            f"the checkpoint {args.checkpoint!r} takes points of shape ({expected},)"
-        )
+    check_width(flow, data, args, context is not None)
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
     exact = args.solver_from is None
     if context is None:
@@ -774,13 +779,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     columns = context_columns(payload.get("config"))
     calibration = load_splits(run["data"], run.get("n_train", RUN_DEFAULTS["n_train"]), run.get("seed", 0))[2]
     (data, calibration), contexts = context_split([load_eval_data(args.data, args.n, TEST_SEED), calibration], columns, run["data"])
-    expected = getattr(flow, "dim", None)
-    if isinstance(expected, int) and tuple(data.shape[1:]) != (expected,):
-        after = " after its context columns" if columns else ""
-        raise ValueError(
-            f"--data {args.data!r} has points of shape {tuple(data.shape[1:])}{after}; "
-            f"the checkpoint {args.checkpoint!r} takes points of shape ({expected},)"
-        )
+    check_width(flow, data, args, bool(columns))
     with torch.no_grad(), exact_evaluation(flow):
         device = distributed.flow_device(flow)
         log_p, reference = (
@@ -850,6 +849,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     n = max(args.n * (1 + args.fresh_blocks), args.n_grad)  # the grid's block, then fresh ones
     data = load_eval_data(args.data, n, args.seed)[:n]
+    check_width(loaded, data, args)
     if isinstance(loaded, TransformedFlow):
         # The solver only acts inside the preprocessing, whose log|det| is exact: the CNF's log p
         # errors on the preprocessed points are the errors in data units.
@@ -1280,7 +1280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cnf {args.command}: {error}", file=sys.stderr)
         return 130
     except OSError as error:
-        print(f"cnf {args.command}: error: {error.strerror or error}", file=sys.stderr)
+        where = f": {error.filename!r}" if error.strerror and error.filename else ""
+        print(f"cnf {args.command}: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"cnf {args.command}: error: {error}", file=sys.stderr)

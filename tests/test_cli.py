@@ -241,3 +241,20 @@ def test_score_writes_log_p_and_p_values_against_the_held_out_rows(
     np.save(wide, rng.normal(size=(4, 5)).astype(np.float32))
     assert main(["score", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(wide), "--out", str(scores)]) == 2
     assert "has points of shape (5,); the checkpoint" in capsys.readouterr().err
+
+
+def test_file_errors_name_the_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run folder given as --checkpoint, an output path in a missing folder and data of the wrong
+    width for cnf tune each get an error that names the path or the flag."""
+    out = tmp_path / "run"
+    assert main(["train", "--hidden", "8", "--iters", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(out), "--out", str(tmp_path / "s.npy")]) == 2
+    assert "is a folder; pass a file in it: best.pt (the best validation weights) or checkpoint.pt" in capsys.readouterr().err
+    missing = tmp_path / "no" / "s.npy"
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(missing)]) == 2
+    assert f"No such file or directory: {str(missing)!r}" in capsys.readouterr().err
+    table = tmp_path / "t.npy"
+    np.save(table, np.zeros((30, 3), dtype=np.float32))
+    assert main(["tune", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(table)]) == 2
+    assert "has points of shape (3,); the checkpoint" in capsys.readouterr().err
