@@ -820,7 +820,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     with torch.no_grad():
         conditional = {} if context is None else {"context": context}
         samples = flow.sample(args.n, generator=generator, **conditional)
-    np.save(args.out, samples.cpu().numpy())
+    samples = samples.cpu().numpy()
+    if cli_images.is_image_flow(flow):  # integer images, as the data came: on the grid already
+        samples = np.rint(samples).astype(np.uint8 if samples.min() >= 0 and samples.max() <= 255 else np.int64)
+    np.save(args.out, samples)
     print(f"wrote {args.n} samples of shape {tuple(samples.shape)} to {args.out}")
     return 0
 
@@ -893,7 +896,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
     flow, payload = load_checkpoint(args.checkpoint)
     if cli_images.is_image_flow(flow):  # samples, path and interpolation pictures instead
-        return cli_images.plot_images(flow, args.out, args.data)
+        paths = cli_images.plot_images(flow, args.out, args.data) + training_curves(args)
+        print("plots: " + ", ".join(str(p) for p in paths))
+        return 0
     if getattr(flow, "kind", None) == "vae":  # reconstructions and prior samples as images
         return plot_vae_checkpoint(flow, args, payload.get("run") or {})
     context_dim = getattr(flow, "context_dim", None)
@@ -938,7 +943,6 @@ def plot_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace, run: dic
     """``cnf plot`` of a VAE: test images of its data (``--data``, else the run's) and their
     reconstructions, prior samples, and the training curves."""
     from cnf.data.binarized import load_binarized
-    from cnf.plots import plot_training_curves
     from cnf.vae.plots import plot_vae
 
     name = args.data or run.get("data")
@@ -947,13 +951,21 @@ def plot_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace, run: dic
     data = load_binarized(name, seed=run.get("seed", 0))
     if data.test.shape[1] != vae.dim:
         raise ValueError(f"--data {name!r} has {data.test.shape[1]} pixels per image; the VAE takes {vae.dim}")
-    paths = plot_vae(vae, data.test, data.shape, args.out)
-    log = Path(args.checkpoint).parent / LOG_NAME
-    if log.is_file():
-        plot_training_curves(log, path=Path(args.out) / "training_curves.png")
-        paths.append(Path(args.out) / "training_curves.png")
+    paths = plot_vae(vae, data.test, data.shape, args.out) + training_curves(args)
     print("plots: " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def training_curves(args: argparse.Namespace) -> list[Path]:
+    """``training_curves.png`` in ``--out`` from the log beside ``--checkpoint``, when there is one."""
+    from cnf.plots import plot_training_curves
+
+    log = Path(args.checkpoint).parent / LOG_NAME
+    if not log.is_file():
+        return []
+    path = Path(args.out) / "training_curves.png"
+    plot_training_curves(log, path=path)
+    return [path]
 
 
 def positive_float(text: str) -> float:

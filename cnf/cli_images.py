@@ -257,9 +257,9 @@ def is_image_flow(flow: nn.Module) -> bool:
     return dequantization_levels(flow) is not None and isinstance(dim, tuple) and len(dim) == 3
 
 
-def plot_images(flow: nn.Module, out: str, source: str | None) -> int:
+def plot_images(flow: nn.Module, out: str, source: str | None) -> list[Path]:
     """``cnf plot`` of an image flow: samples (beside test images), the path at t = 0 .. 1 and,
-    with image ``--data``, the interpolation between its first two test images."""
+    with image ``--data``, the interpolation between its first two test images; the paths written."""
     from cnf import image_plots
 
     folder = Path(out)
@@ -279,5 +279,4 @@ def plot_images(flow: nn.Module, out: str, source: str | None) -> int:
         paths.append(folder / "interpolation.png")
         image_plots.plot_interpolation(flow, real[0], real[1], path=paths[-1])
     image_plots.plot_image_path(flow, 8, generator=generator, path=paths[1])
-    print("plots: " + ", ".join(str(p) for p in paths))
-    return 0
+    return paths

@@ -40,7 +40,11 @@ def test_train_and_evaluate_images_from_a_file(
     assert metrics["nll"] == pytest.approx(metrics["bits_per_dim"] * 16 * np.log(2))
     plots = tmp_path / "plots"
     assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--out", str(plots)]) == 0
-    assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png"}
+    assert {p.name for p in plots.iterdir()} == {"samples.png", "path.png", "interpolation.png", "training_curves.png"}
+    drawn = tmp_path / "drawn.npy"
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--n", "3", "--out", str(drawn)]) == 0
+    samples = np.load(drawn)  # integer images like the data, not floats on the integer grid
+    assert samples.shape == (3, 1, 4, 4) and samples.dtype == np.uint8
 
 
 def test_image_runs_honour_threads_and_say_how_ot_pairs(
