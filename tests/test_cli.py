@@ -237,6 +237,15 @@ def test_score_writes_log_p_and_p_values_against_the_held_out_rows(
     np.testing.assert_allclose(written[:, 2], [(reference < v).mean() for v in log_p], atol=1e-6)
     assert (written[5:, 2] == 0).all()  # far from the data: below every held-out row
 
+    # integer data are dequantised with a seeded draw: scoring twice writes the same file
+    counts = tmp_path / "counts.npy"
+    np.save(counts, rng.integers(0, 4, size=(100, 2)).astype(np.float32))
+    assert main(["train", "--data", str(counts), "--hidden", "8", "--iters", "2", "--out", str(tmp_path / "c")]) == 0
+    assert "dequantize" in capsys.readouterr().out
+    score = ["score", "--checkpoint", str(tmp_path / "c" / "checkpoint.pt"), "--data", str(counts)]
+    assert main([*score, "--out", str(tmp_path / "s1.csv")]) == 0 and main([*score, "--out", str(tmp_path / "s2.csv")]) == 0
+    assert (tmp_path / "s1.csv").read_text() == (tmp_path / "s2.csv").read_text()
+
     wide = tmp_path / "wide.npy"
     np.save(wide, rng.normal(size=(4, 5)).astype(np.float32))
     assert main(["score", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(wide), "--out", str(scores)]) == 2
