@@ -54,7 +54,7 @@ from cnf.training import (
 from cnf.transforms import DEFAULT_ALPHA, STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
 from cnf.vae.posteriors import POSTERIORS
 
-TEST_SEED = 2024  # test points are drawn apart from the training seed
+TEST_SEED = cli_images.TEST_SEED  # test points and scoring draws, apart from the training seed
 DEFAULT_TEST_SIZE = 10_000
 
 
@@ -199,18 +199,23 @@ def scored_phrase(seed: int | None, phrase: str, count: int, total: int, unit: s
 
 
 def timed_nll(
-    flow: torch.nn.Module, data: torch.Tensor, context: torch.Tensor | None = None, exact: bool = True
+    flow: torch.nn.Module,
+    data: torch.Tensor,
+    context: torch.Tensor | None = None,
+    exact: bool = True,
+    seed: int = TEST_SEED,
 ) -> dict[str, Any]:
     """Test NLL in nats (data units; conditional, mean -log p(x | c), with a context), NFE of the
     scoring solve and seconds, all from one pass; bits per dimension too for discrete data (a
     flow whose preprocessing dequantises). With ``exact`` a CNF scores with the exact divergence
     at the recipes' evaluation tolerance (:func:`cnf.recipes.exact_evaluation`), whatever it
-    trained with; else with its own solver."""
+    trained with; else with its own solver. Its random draws (dequantisation noise, Hutchinson
+    probes) come from ``seed``, so the same data get the same score."""
     start = time.perf_counter()
     with torch.no_grad(), exact_evaluation(flow) if exact else contextlib.nullcontext():
         data = data.to(distributed.flow_device(flow))
         conditional = {} if context is None else {"context": context.to(data.device)}
-        log_prob = flow.log_prob(data, **conditional)
+        log_prob = flow.log_prob(data, generator=cli_images.scoring_generator(data, seed), **conditional)
     seconds = time.perf_counter() - start
     metrics = {
         "nll": -log_prob.mean().item(),
@@ -690,7 +695,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if cli_images.is_image_source(args.data):
         solver = solver_from_file(args.solver_from) if args.solver_from is not None else None
         seed, scored = file_test_split(args.data, args.split, payload.get("run")) if is_file_source(args.data) else (None, None)
-        return cli_images.evaluate_images(flow, args.data, args.json, solver, n=args.n, test_seed=seed, scored=scored)
+        return cli_images.evaluate_images(
+            flow, args.data, args.json, solver, n=args.n, test_seed=seed, scored=scored, seed=args.seed
+        )
     inner = flow.flow if isinstance(flow, TransformedFlow) else flow
     if args.solver_from is not None and isinstance(inner, CNF):
         inner.solver = solver_from_file(args.solver_from)
@@ -706,10 +713,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_width(flow, data, args, context is not None)
     # A solver from `cnf tune` is used as given; otherwise the exact, tight evaluation.
     exact = args.solver_from is None
-    if context is None:
-        metrics = timed_nll(flow, data) if exact else timed_nll(flow, data, exact=False)
-    else:
-        metrics = timed_nll(flow, data, context, exact=exact)
+    metrics = timed_nll(flow, data, context, exact=exact, seed=args.seed)
     if context is not None:
         metrics["conditional"] = True
     if scored is not None:
@@ -784,7 +788,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         device = distributed.flow_device(flow)
         log_p, reference = (  # a seeded dequantisation draw: the same file gets the same scores
             flow.log_prob(
-                x.to(device), generator=torch.Generator(device=device).manual_seed(TEST_SEED),
+                x.to(device), generator=cli_images.scoring_generator(x.to(device), TEST_SEED),
                 **({} if c is None else {"context": c.to(device)}),
             ).double().cpu().numpy()
             for x, c in zip((data, calibration), contexts)
@@ -1165,7 +1169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", type=positive_int, default=None,
         help=f"toy points drawn (default {DEFAULT_TEST_SIZE:,}); images and VAEs: the first N test images (default all)",
     )  # fmt: skip
-    p.add_argument("--seed", type=non_negative_int, default=TEST_SEED)
+    p.add_argument(
+        "--seed", type=non_negative_int, default=TEST_SEED,
+        help=f"seed of the toy test points and of the scoring draws (dequantisation, Hutchinson); the default {TEST_SEED} repeats the number cnf train printed",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--solver-from", default=None, help="JSON from `cnf tune` with the solver to use")
     p.add_argument(

@@ -245,6 +245,15 @@ def test_score_writes_log_p_and_p_values_against_the_held_out_rows(
     score = ["score", "--checkpoint", str(tmp_path / "c" / "checkpoint.pt"), "--data", str(counts)]
     assert main([*score, "--out", str(tmp_path / "s1.csv")]) == 0 and main([*score, "--out", str(tmp_path / "s2.csv")]) == 0
     assert (tmp_path / "s1.csv").read_text() == (tmp_path / "s2.csv").read_text()
+    # and cnf evaluate repeats the test NLL cnf train printed (the same seeded draw), as it does on
+    # continuous data; unseeded, two evaluations of the same file differed in the first decimal
+    capsys.readouterr()
+    evaluate = ["evaluate", "--checkpoint", str(tmp_path / "c" / "checkpoint.pt"), "--data", str(counts), "--json"]
+    assert main(evaluate) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["nll"] == pytest.approx(json.loads((tmp_path / "c" / "summary.json").read_text())["test_nll"], rel=1e-6)
+    assert main([*evaluate, "--seed", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["nll"] != first["nll"]  # another draw
 
     wide = tmp_path / "wide.npy"
     np.save(wide, rng.normal(size=(4, 5)).astype(np.float32))

@@ -34,6 +34,7 @@ def test_train_and_evaluate_images_from_a_file(
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)  # the file it trained on: its test split, as train scored it
     assert metrics["n"] == 4 and metrics["scored"].startswith("4 of 40 images: the test split of the file it trained on")
+    assert metrics["bits_per_dim"] == pytest.approx(summary["test_bits_per_dim"], rel=1e-6)  # the same seeded draws
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(image_file), "--json", "--split", "all"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 40 and metrics["bits_per_dim"] > 7.5 and metrics["nfe"] > 0
