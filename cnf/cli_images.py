@@ -49,6 +49,12 @@ TEST_SEED = 2024
 #: an image at 110 evaluations); with the U-Net field 1,000 took ~65 minutes (1,136 evaluations).
 #: `cnf evaluate` scores them all.
 TRAIN_TEST_IMAGES = 1000
+#: Without --test-n, cnf train stops scoring test images after as long as it trained, and at least
+#: this many seconds: the U-Net needed ~65 minutes for 1,000 Fashion-MNIST images at dopri5 1e-5
+#: on one thread, after a 90 s default run.
+MIN_SCORE_SECONDS = 60.0
+#: Test images per scoring solve (cnf train and cnf evaluate alike, so their seeded draws agree).
+SCORE_BATCH = 50
 
 def first_test_images(test: torch.Tensor, test_n: int | None, evaluate_command: str) -> torch.Tensor:
     """The test images ``cnf train`` scores at the end: the first ``test_n`` (default
@@ -158,10 +164,18 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         flow, splits.train, splits.val, settings=settings, out=out, resume=resume, overwrite=True, threads=threads, run_info=run
     )
     set_solver(flow, IMAGE_RECIPE.eval_solver)
-    test = first_test_images(
-        splits.test, _given(args, "test_n"), f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
+    evaluate = f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
+    test = first_test_images(splits.test, _given(args, "test_n"), evaluate)
+    limit = None if _given(args, "test_n") else max(MIN_SCORE_SECONDS, result.seconds)
+    score = evaluate_bits_per_dim(
+        flow, test, batch_size=SCORE_BATCH, generator=scoring_generator(test, TEST_SEED), time_limit=limit
     )
-    score = evaluate_bits_per_dim(flow, test, generator=scoring_generator(test, TEST_SEED))
+    if score.n < test.shape[0]:
+        print(
+            f"scored the first {score.n:,} test images in {score.seconds:.0f} s: without --test-n scoring stops "
+            f"after as long as the training took (at least {MIN_SCORE_SECONDS:.0f} s); `{evaluate} --n {score.n}` "
+            "repeats this number, --test-n N scores N"
+        )
     summary = {
         "data": args.data,
         "model": model,
@@ -243,7 +257,7 @@ def evaluate_images(
         scored = scored_phrase(test_seed, scored, images.shape[0], total, unit="images")
     images = images[:n] if n is not None else images
     set_solver(flow, solver or IMAGE_RECIPE.eval_solver)
-    score = evaluate_bits_per_dim(flow, images, generator=scoring_generator(images, seed))
+    score = evaluate_bits_per_dim(flow, images, batch_size=SCORE_BATCH, generator=scoring_generator(images, seed))
     dims = images[0].numel()
     metrics = {"nll": score.mean * dims * float(np.log(2)), **score.as_dict()}
     if scored is not None:

@@ -148,3 +148,25 @@ def test_an_image_run_resumes_in_its_own_folder(
     assert f"resuming {out / 'checkpoint.pt'} on {image_file}" in capsys.readouterr().out
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert not (tmp_path / "runs").exists()
+
+
+def test_train_caps_the_scoring_time_unless_test_n_is_given(
+    image_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --test-n, scoring at the end stops after as long as the training took (at least
+    MIN_SCORE_SECONDS; a 90 s Fashion-MNIST run used to score for ~65 minutes); --test-n N scores N."""
+    from cnf import cli_images
+
+    limits = []
+
+    def spy(*args, time_limit=None, **kwargs):
+        limits.append(time_limit)
+        return real(*args, time_limit=time_limit, **kwargs)
+
+    real = cli_images.evaluate_bits_per_dim
+    monkeypatch.setattr(cli_images, "evaluate_bits_per_dim", spy)
+    args = ["train", "--data", str(image_file), "--iters", "2", "--hidden", "4"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--test-n", "3", "--out", str(tmp_path / "b")]) == 0
+    assert limits[0] >= cli_images.MIN_SCORE_SECONDS and limits[1] is None
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["test_n"] == 3

@@ -67,6 +67,11 @@ def test_train_accepts_integer_images_and_scores_bits_per_dim() -> None:
     score = evaluate_bits_per_dim(flow, images[48:])
     # uniform pixels over LEVELS levels cost 2 bits each; an untrained model pays more
     assert score.mean > 2.0 and score.nfe > 0 and score.n == 16
+    # a time limit stops before the next batch: here after the first (the first n images are scored)
+    seeded = {"generator": torch.Generator().manual_seed(3), "batch_size": 5}
+    first = evaluate_bits_per_dim(flow, images[48:], time_limit=0.0, **seeded)
+    seeded["generator"] = torch.Generator().manual_seed(3)
+    assert first.n == 5 and first.mean == pytest.approx(evaluate_bits_per_dim(flow, images[48:53], **seeded).mean)
 
 
 def test_interpolation_and_path_pictures_have_the_right_shapes_and_ends() -> None:
