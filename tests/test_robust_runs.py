@@ -172,7 +172,7 @@ def test_solver_from_errors(content: str, message: str, tmp_path: Path) -> None:
 def test_evaluate_json_is_strict(tmp_path: Path, capsys, monkeypatch) -> None:
     assert main(["train", "--iters", "1", "--out", str(tmp_path), *SMALL]) == 0
     capsys.readouterr()
-    monkeypatch.setattr("cnf.cli.timed_nll", lambda flow, data: {"nll": float("inf"), "nfe": 1, "seconds": 0.1, "n": 5})
+    monkeypatch.setattr("cnf.cli.timed_nll", lambda flow, data, *args, **kwargs: {"nll": float("inf"), "nfe": 1, "seconds": 0.1, "n": 5})
     assert main(["evaluate", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--data", "moons", "--json"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))["nll"] is None
