@@ -643,7 +643,14 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     # k = 1000 on all 10,000 Fashion-MNIST test images outlasts the training: score a capped number
     command = f"cnf evaluate --checkpoint {result.checkpoint} --data {run['data']} --n {data.test.shape[0]}"
     test = cli_images.first_test_images(data.test, args.test_n, command)
-    metrics = evaluate_vae(vae, test, k=args.iwae_samples, seed=run["seed"])
+    limit = None if args.test_n else max(cli_images.MIN_SCORE_SECONDS, result.seconds)  # as for images
+    metrics = evaluate_vae(vae, test, k=args.iwae_samples, seed=run["seed"], time_limit=limit)
+    if metrics["n"] < test.shape[0]:
+        print(
+            f"scored the first {metrics['n']:,} test images in {metrics['seconds']:.0f} s: without --test-n scoring "
+            f"stops after as long as the training took (at least {cli_images.MIN_SCORE_SECONDS:.0f} s); "
+            f"`{command.rsplit(' --n ', 1)[0]} --n {metrics['n']}` scores the same images, --test-n N scores N"
+        )
     summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
                "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
                **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint),

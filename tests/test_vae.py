@@ -388,3 +388,35 @@ def test_cli_vae_on_fashion_mnist_takes_the_vae_path(tmp_path, monkeypatch) -> N
     monkeypatch.setattr(cli.cli_images, "cmd_train_images", lambda args: pytest.fail("took the image path"))
     assert cli.main(["train", "--model", "vae", "--data", "fashion-mnist", "--out", str(tmp_path / "v")]) == 0
     assert taken == ["fashion-mnist"]
+
+
+def test_evaluate_vae_stops_after_its_time_limit(tmp_path, monkeypatch) -> None:
+    """With a time limit no batch starts after it (here: after the first), the first n images are
+    scored, and they score as they do alone; cnf train passes max(MIN_SCORE_SECONDS, training
+    time) without --test-n, and no limit with it."""
+    from cnf import cli_images
+    from cnf.cli import main
+    from cnf.vae import evaluate as vae_evaluate
+    from cnf.vae.evaluate import evaluate_vae
+
+    torch.manual_seed(0)
+    vae = VAE(6, 2, "planar", hidden=(8,), layers=2)
+    x = (torch.rand(25, 6) > 0.5).float()
+    first = evaluate_vae(vae, x, k=3, batch_size=10, time_limit=0.0)
+    alone = evaluate_vae(vae, x[:10], k=3, batch_size=10)
+    assert first["n"] == 10 and first["iwae"] == pytest.approx(alone["iwae"])
+    assert evaluate_vae(vae, x, k=3, batch_size=10)["n"] == 25
+
+    limits = []
+
+    def spy(*args, time_limit=None, **kwargs):
+        limits.append(time_limit)
+        return real(*args, time_limit=time_limit, **kwargs)
+
+    real = vae_evaluate.evaluate_vae
+    monkeypatch.setattr(vae_evaluate, "evaluate_vae", spy)
+    args = ["train", "--model", "vae", "--data", "digits", "--iters", "2", "--hidden", "8", "--latent-dim", "2",
+            "--iwae-samples", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--test-n", "5", "--out", str(tmp_path / "b")]) == 0
+    assert limits[0] >= cli_images.MIN_SCORE_SECONDS and limits[1] is None
