@@ -151,20 +151,13 @@ def test_an_image_run_resumes_in_its_own_folder(
 
 
 def test_train_caps_the_scoring_time_unless_test_n_is_given(
-    image_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    image_file: Path, tmp_path: Path, record_time_limits
 ) -> None:
     """Without --test-n, scoring at the end stops after as long as the training took (at least
     MIN_SCORE_SECONDS; a 90 s Fashion-MNIST run used to score for ~65 minutes); --test-n N scores N."""
     from cnf import cli_images
 
-    limits = []
-
-    def spy(*args, time_limit=None, **kwargs):
-        limits.append(time_limit)
-        return real(*args, time_limit=time_limit, **kwargs)
-
-    real = cli_images.evaluate_bits_per_dim
-    monkeypatch.setattr(cli_images, "evaluate_bits_per_dim", spy)
+    limits = record_time_limits(cli_images, "evaluate_bits_per_dim")
     args = ["train", "--data", str(image_file), "--iters", "2", "--hidden", "4"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--test-n", "3", "--out", str(tmp_path / "b")]) == 0

@@ -390,7 +390,7 @@ def test_cli_vae_on_fashion_mnist_takes_the_vae_path(tmp_path, monkeypatch) -> N
     assert taken == ["fashion-mnist"]
 
 
-def test_evaluate_vae_stops_after_its_time_limit(tmp_path, monkeypatch) -> None:
+def test_evaluate_vae_stops_after_its_time_limit(tmp_path, record_time_limits) -> None:
     """With a time limit no batch starts after it (here: after the first), the first n images are
     scored, and they score as they do alone; cnf train passes max(MIN_SCORE_SECONDS, training
     time) without --test-n, and no limit with it."""
@@ -407,14 +407,7 @@ def test_evaluate_vae_stops_after_its_time_limit(tmp_path, monkeypatch) -> None:
     assert first["n"] == 10 and first["iwae"] == pytest.approx(alone["iwae"])
     assert evaluate_vae(vae, x, k=3, batch_size=10)["n"] == 25
 
-    limits = []
-
-    def spy(*args, time_limit=None, **kwargs):
-        limits.append(time_limit)
-        return real(*args, time_limit=time_limit, **kwargs)
-
-    real = vae_evaluate.evaluate_vae
-    monkeypatch.setattr(vae_evaluate, "evaluate_vae", spy)
+    limits = record_time_limits(vae_evaluate, "evaluate_vae")
     args = ["train", "--model", "vae", "--data", "digits", "--iters", "2", "--hidden", "8", "--latent-dim", "2",
             "--iwae-samples", "2"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
