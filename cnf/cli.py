@@ -641,16 +641,11 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
                    overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
     # k = 1000 on all 10,000 Fashion-MNIST test images outlasts the training: score a capped number
-    command = f"cnf evaluate --checkpoint {result.checkpoint} --data {run['data']} --n {data.test.shape[0]}"
-    test = cli_images.first_test_images(data.test, args.test_n, command)
-    limit = None if args.test_n else max(cli_images.MIN_SCORE_SECONDS, result.seconds)  # as for images
+    evaluate = f"cnf evaluate --checkpoint {result.checkpoint} --data {run['data']}"
+    test = cli_images.first_test_images(data.test, args.test_n, f"{evaluate} --n {data.test.shape[0]}")
+    limit = cli_images.scoring_time_limit(args.test_n, result.seconds)
     metrics = evaluate_vae(vae, test, k=args.iwae_samples, seed=run["seed"], time_limit=limit)
-    if metrics["n"] < test.shape[0]:
-        print(
-            f"scored the first {metrics['n']:,} test images in {metrics['seconds']:.0f} s: without --test-n scoring "
-            f"stops after as long as the training took (at least {cli_images.MIN_SCORE_SECONDS:.0f} s); "
-            f"`{command.rsplit(' --n ', 1)[0]} --n {metrics['n']}` scores the same images, --test-n N scores N"
-        )
+    cli_images.say_if_scored_fewer(metrics["n"], test.shape[0], metrics["seconds"], evaluate)
     summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
                "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
                **{f"test_{name}": value for name, value in metrics.items()}, "checkpoint": str(result.checkpoint),

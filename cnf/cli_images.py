@@ -65,6 +65,22 @@ def first_test_images(test: torch.Tensor, test_n: int | None, evaluate_command: 
     return test[:test_n]
 
 
+def scoring_time_limit(test_n: int | None, train_seconds: float) -> float | None:
+    """How long ``cnf train`` scores test images at the end: without ``--test-n``, as long as it
+    trained and at least :data:`MIN_SCORE_SECONDS`; with it, until the N images are scored."""
+    return None if test_n else max(MIN_SCORE_SECONDS, train_seconds)
+
+
+def say_if_scored_fewer(scored: int, wanted: int, seconds: float, evaluate_command: str) -> None:
+    """Tell the user when :func:`scoring_time_limit` stopped the scoring before ``wanted`` images."""
+    if scored < wanted:
+        print(
+            f"scored the first {scored:,} test images in {seconds:.0f} s: without --test-n scoring stops after "
+            f"as long as the training took (at least {MIN_SCORE_SECONDS:.0f} s); `{evaluate_command} --n {scored}` "
+            "scores the same images, --test-n N scores N"
+        )
+
+
 def _given(args: argparse.Namespace, name: str) -> Any:
     """The option's value if the user set it (the train flags default to None), else None."""
     return getattr(args, name, None)
@@ -166,16 +182,11 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     set_solver(flow, IMAGE_RECIPE.eval_solver)
     evaluate = f"cnf evaluate --checkpoint {result.checkpoint} --data {args.data}"
     test = first_test_images(splits.test, _given(args, "test_n"), evaluate)
-    limit = None if _given(args, "test_n") else max(MIN_SCORE_SECONDS, result.seconds)
     score = evaluate_bits_per_dim(
-        flow, test, batch_size=SCORE_BATCH, generator=scoring_generator(test, TEST_SEED), time_limit=limit
-    )
-    if score.n < test.shape[0]:
-        print(
-            f"scored the first {score.n:,} test images in {score.seconds:.0f} s: without --test-n scoring stops "
-            f"after as long as the training took (at least {MIN_SCORE_SECONDS:.0f} s); `{evaluate} --n {score.n}` "
-            "repeats this number, --test-n N scores N"
-        )
+        flow, test, batch_size=SCORE_BATCH, generator=scoring_generator(test, TEST_SEED),
+        time_limit=scoring_time_limit(_given(args, "test_n"), result.seconds),
+    )  # fmt: skip
+    say_if_scored_fewer(score.n, test.shape[0], score.seconds, evaluate)
     summary = {
         "data": args.data,
         "model": model,
