@@ -967,14 +967,10 @@ def plot_vae_checkpoint(vae: torch.nn.Module, args: argparse.Namespace, run: dic
 
 def training_curves(args: argparse.Namespace) -> list[Path]:
     """``training_curves.png`` in ``--out`` from the log beside ``--checkpoint``, when there is one."""
-    from cnf.plots import plot_training_curves
+    from cnf.plots import plot_training_curves_if_logged
 
-    log = Path(args.checkpoint).parent / LOG_NAME
-    if not log.is_file():
-        return []
-    path = Path(args.out) / "training_curves.png"
-    plot_training_curves(log, path=path)
-    return [path]
+    path = plot_training_curves_if_logged(Path(args.checkpoint).parent / LOG_NAME, Path(args.out) / "training_curves.png")
+    return [] if path is None else [path]
 
 
 def positive_float(text: str) -> float:

@@ -1057,8 +1057,19 @@ def plot_all(
                 )
         finally:
             _GRID_CACHE.reset(token)
-    if log is not None and (not isinstance(log, (str, os.PathLike)) or Path(log).is_file()):
-        records = read_train_log(log)
-        if any("loss" in r for r in records):
-            plot_training_curves(records, path=keep("training_curves.png"), dpi=dpi)
-    return written
+    curves = plot_training_curves_if_logged(log, out / "training_curves.png", dpi=dpi)
+    return written + ([curves] if curves is not None else [])
+
+
+def plot_training_curves_if_logged(
+    log: PathLike | Sequence[Mapping[str, Any]] | None, path: PathLike, *, dpi: float = 100
+) -> Path | None:
+    """:func:`plot_training_curves` into ``path`` when ``log`` (a train_log.jsonl that exists, or
+    its records) holds training records; the path written, else None."""
+    if log is None or (isinstance(log, (str, os.PathLike)) and not Path(log).is_file()):
+        return None
+    records = read_train_log(log)
+    if not any("loss" in r for r in records):
+        return None
+    plot_training_curves(records, path=path, dpi=dpi)
+    return Path(path)
