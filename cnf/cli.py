@@ -790,10 +790,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         device = distributed.flow_device(flow)
         log_p, reference = (  # a seeded dequantisation draw: the same file gets the same scores
             flow.log_prob(
-                x.to(device), generator=cli_images.scoring_generator(x.to(device), TEST_SEED),
+                x, generator=cli_images.scoring_generator(x, TEST_SEED),
                 **({} if c is None else {"context": c.to(device)}),
             ).double().cpu().numpy()
-            for x, c in zip((data, calibration), contexts)
+            for x, c in zip((data.to(device), calibration.to(device)), contexts)
         )  # fmt: skip
     p = p_values(log_p, reference)
     table = np.column_stack([np.arange(len(log_p)), log_p, p])
