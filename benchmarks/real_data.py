@@ -113,6 +113,11 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-otfm-512x3": {**CNF_RECIPES["cnf-otfm"], "hidden": (512, 512, 512)},
     "cnf-otfm-no-ema": {**CNF_RECIPES["cnf-otfm"], "ema_decay": None},
 }
+#: Variants of cnf-default (what `cnf train` uses for the dataset), with these settings changed.
+DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
+    "cnf-default": {},
+    "cnf-default-tanh": {"activation": "tanh"},  # the table field's activation before SiLU
+}
 BASELINES = ("gaussian", "gmm", "kde")
 #: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
 #: 8 validations in 600 s zuko's MAF, which overfits digits within ~10 s, was first validated after
@@ -243,9 +248,12 @@ def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> t
         if quick:
             flow.transform.atol = flow.transform.rtol = 1e-3
         return ZukoFlow(flow, dim, "cnf", (0, 0)), {"lr": 1e-3, "batch_size": 256}
-    recipe = default_recipe(dim, dequantized) if name == "cnf-default" else {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
+    if name in DEFAULT_VARIANTS:
+        recipe = {**default_recipe(dim, dequantized), **DEFAULT_VARIANTS[name]}
+    else:
+        recipe = {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
-    field = MLPField(dim, hidden=small or tuple(recipe["hidden"]))
+    field = MLPField(dim, hidden=small or tuple(recipe["hidden"]), activation=recipe.get("activation", "tanh"))
     flow = CNF(
         field,
         divergence=recipe.get("divergence", "exact"),
@@ -275,6 +283,7 @@ def default_recipe(dim: int, dequantized: bool = False) -> dict[str, Any]:
     return {
         "objective": objective,
         "hidden": tuple(model["hidden"]),
+        "activation": model["activation"],
         "divergence": model["divergence"],
         "noise": model["noise"],
         "solver": solver,
@@ -504,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "--models",
         nargs="+",
         default=list(DEFAULT_MODELS),
-        help=f"of {tuple(dict.fromkeys((*DEFAULT_MODELS, *CNF_RECIPES, *RECIPE_VARIANTS)))}",
+        help=f"of {tuple(dict.fromkeys((*DEFAULT_MODELS, *DEFAULT_VARIANTS, *CNF_RECIPES, *RECIPE_VARIANTS)))}",
     )
     parser.add_argument(
         "--budget", type=float, default=60.0, help="training seconds per torch model and seed"
@@ -529,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--quick", action="store_true", help="a few seconds in all (for the tests)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
-    known = tuple(dict.fromkeys((*DEFAULT_MODELS, *CNF_RECIPES, *RECIPE_VARIANTS)))
+    known = tuple(dict.fromkeys((*DEFAULT_MODELS, *DEFAULT_VARIANTS, *CNF_RECIPES, *RECIPE_VARIANTS)))
     unknown = [m for m in args.models if m not in known]
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {known}")

@@ -1065,8 +1065,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--activation", default=None, choices=tuple(ACTIVATIONS),
-        help="the field's activation (default tanh; images: softplus); with --model vae the CNF "
-        "posterior's (default tanh)",
+        help=f"the field's activation (default {MODEL_DEFAULTS['activation']} on 2-D toys, "
+        f"{model_recipe(TOY_DIM + 1, 'tabular')['activation']} on tables and files with d > {TOY_DIM}; images: "
+        f"softplus); with --model vae the CNF posterior's (default {VAE_DEFAULTS['activation']})",
     )  # fmt: skip
     p.add_argument(
         "--divergence", default=None,

@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     model = model_recipe(data.dim, "tabular")
     hidden = (16, 16) if args.quick else tuple(model["hidden"])
     solver = cnf.Solver(method=model["method"], rtol=model["rtol"], atol=model["atol"])
-    field = cnf.MLPField(data.dim, hidden=hidden)
+    field = cnf.MLPField(data.dim, hidden=hidden, activation=model["activation"])
     inner = cnf.CNF(field, divergence=model["divergence"], noise=model["noise"], solver=solver)
     flow = TransformedFlow(inner, preprocess)
     settings = recipe(objective, data.dim, "tabular", time_limit=args.seconds)
