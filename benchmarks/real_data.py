@@ -116,7 +116,9 @@ RECIPE_VARIANTS: dict[str, dict[str, Any]] = {
 #: Variants of cnf-default (what `cnf train` uses for the dataset), with these settings changed.
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-default": {},
-    "cnf-default-tanh": {"activation": "tanh"},  # the table field's activation before SiLU
+    # the table field before 2026-12-07 (tanh, 256x3, gates on t), and with SiLU only
+    "cnf-default-tanh3": {"activation": "tanh", "hidden": (256, 256, 256), "time_embedding": "concatsquash"},
+    "cnf-default-silu3": {"activation": "silu", "hidden": (256, 256, 256), "time_embedding": "concatsquash"},
 }
 BASELINES = ("gaussian", "gmm", "kde")
 #: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
@@ -253,7 +255,12 @@ def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> t
     else:
         recipe = {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
-    field = MLPField(dim, hidden=small or tuple(recipe["hidden"]), activation=recipe.get("activation", "tanh"))
+    field = MLPField(
+        dim,
+        hidden=small or tuple(recipe["hidden"]),
+        activation=recipe.get("activation", "tanh"),
+        time_embedding=recipe.get("time_embedding", "concatsquash"),
+    )
     flow = CNF(
         field,
         divergence=recipe.get("divergence", "exact"),
@@ -271,7 +278,7 @@ def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> t
 
 def default_recipe(dim: int, dequantized: bool = False) -> dict[str, Any]:
     """What ``cnf train --data NAME`` uses with no flags: cnf.recipes for this dimension."""
-    model = model_recipe(dim, "tabular")
+    model = model_recipe(dim, "tabular", dequantized=dequantized)
     objective = default_objective(dim, "tabular")
     settings = recipe(objective, dim, "tabular", dequantized=dequantized)
     solver = {k: model[k] for k in ("method", "rtol", "atol")}
@@ -284,6 +291,7 @@ def default_recipe(dim: int, dequantized: bool = False) -> dict[str, Any]:
         "objective": objective,
         "hidden": tuple(model["hidden"]),
         "activation": model["activation"],
+        "time_embedding": model["time_embedding"],
         "divergence": model["divergence"],
         "noise": model["noise"],
         "solver": solver,

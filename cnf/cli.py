@@ -30,7 +30,7 @@ from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoi
 from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
-from cnf.fields import ACTIVATIONS, CONTEXT_MODES, MLPField
+from cnf.fields import ACTIVATIONS, CONTEXT_MODES, TIME_EMBEDDINGS, MLPField
 from cnf.flow import CNF
 from cnf.images import IMAGE_RECIPE
 from cnf.losses import OBJECTIVES
@@ -51,7 +51,15 @@ from cnf.training import (
     resolve_threads,
     train,
 )
-from cnf.transforms import DEFAULT_ALPHA, STEPS, TransformedFlow, bits_per_dim, choose_preprocessing
+from cnf.transforms import (
+    DEFAULT_ALPHA,
+    STEPS,
+    Transform,
+    TransformedFlow,
+    bits_per_dim,
+    choose_preprocessing,
+    leading_dequantize,
+)
 from cnf.vae.posteriors import POSTERIORS
 
 TEST_SEED = cli_images.TEST_SEED  # test points and scoring draws, apart from the training seed
@@ -60,7 +68,9 @@ DEFAULT_TEST_SIZE = 10_000
 
 #: Defaults of a new run's flags that are not training settings (those come from cnf.recipes).
 RUN_DEFAULTS: dict[str, Any] = {"data": "moons", "n_train": 50_000, "seed": 0}
-MODEL_DEFAULTS: dict[str, Any] = {"model": "cnf", "hidden": [64, 64, 64], "activation": "tanh", "layers": 32}
+MODEL_DEFAULTS: dict[str, Any] = {
+    "model": "cnf", "hidden": [64, 64, 64], "activation": "tanh", "time_embedding": "concatsquash", "layers": 32,
+}  # fmt: skip
 SOLVER_DEFAULTS: dict[str, Any] = {
     "divergence": "exact",
     "noise": "gaussian",
@@ -112,7 +122,10 @@ def build_model(args: argparse.Namespace, dim: int, context_dim: int | None = No
             return PlanarFlow(dim, args.layers)
         return ConditionalPlanarFlow(dim, args.layers, context_dim)
     solver = Solver(method=args.method, rtol=args.rtol, atol=args.atol, adjoint=args.adjoint)
-    field = MLPField(dim, hidden=tuple(args.hidden), activation=args.activation, context_dim=context_dim)
+    field = MLPField(
+        dim, hidden=tuple(args.hidden), activation=args.activation, time_embedding=args.time_embedding,
+        context_dim=context_dim,
+    )  # fmt: skip
     return CNF(field, divergence=args.divergence, noise=args.noise, solver=solver)
 
 
@@ -229,17 +242,15 @@ def timed_nll(
     return metrics
 
 
-def preprocessed(
-    args: argparse.Namespace, source: str, flow: torch.nn.Module, train_set: torch.Tensor
-) -> torch.nn.Module:
-    """Wrap ``flow`` with the preprocessing the data need (or that the flags ask for), saying which."""
+def table_preprocessing(args: argparse.Namespace, source: str, train_set: torch.Tensor) -> Transform | None:
+    """The preprocessing the data need (or that the flags ask for), saying which."""
     levels = args.levels if args.levels is not None else LEVELS.get(source)
     preprocess, notes = choose_preprocessing(
         train_set, args.preprocess, levels=levels, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha
     )
     for note in notes:
         print(f"preprocessing ({args.preprocess}): {note}")
-    return flow if preprocess is None else TransformedFlow(flow, preprocess)
+    return preprocess
 
 
 def describe_model(flow: torch.nn.Module) -> str:
@@ -252,10 +263,12 @@ def describe_model(flow: torch.nn.Module) -> str:
     field, solver = inner.field, inner.solver
     widths = "-".join(str(w) for w in getattr(field, "hidden", ()))
     activation = getattr(field, "activation_name", None)
+    time_embedding = getattr(field, "time_embedding", None)
     steps = f"step {solver.step_size:g}" if solver.step_size is not None else f"rtol {solver.rtol:g}, atol {solver.atol:g}"
     evaluation = EVALUATION_SOLVER
     return (
         f"CNF, {type(field).__name__} {widths}" + (f" {activation}" if activation else "")
+        + (f", time {time_embedding}" if time_embedding else "")
         + f"; solves with {solver.method} ({steps}) and the {inner.divergence} divergence while training; "
         f"test log p with the exact divergence, {evaluation['method']} (rtol {evaluation['rtol']:g}, "
         f"atol {evaluation['atol']:g})"
@@ -297,8 +310,12 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
     splits, contexts = context_split(splits, args.context_columns, run["data"])
     dim = splits[0].shape[1]
     data_kind = "tabular" if is_file_source(run["data"]) or run["data"] in REAL_DATASETS else "toy"
+    preprocess = table_preprocessing(args, run["data"], splits[0])
+    dequantized = leading_dequantize(preprocess) is not None
     # Flags left out: the model recipe of this dimension and kind of data (cnf.recipes).
-    for name, value in {**MODEL_DEFAULTS, **SOLVER_DEFAULTS, **model_recipe(dim, data_kind)}.items():
+    for name, value in {
+        **MODEL_DEFAULTS, **SOLVER_DEFAULTS, **model_recipe(dim, data_kind, dequantized=dequantized)
+    }.items():  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, value)
     torch.manual_seed(run["seed"])
@@ -306,13 +323,12 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
     if contexts[0] is not None:
         fit_context_standardization(model, contexts[0])
         model.context_columns = run["context_columns"] = list(args.context_columns)
-    flow = preprocessed(args, run["data"], model, splits[0])
+    flow = model if preprocess is None else TransformedFlow(model, preprocess)
     # Planar flows have no velocity field to match: they train by maximum likelihood.
     objective = args.objective or ("likelihood" if args.model == "planar" else default_objective(dim, data_kind))
     if args.model == "planar" and objective != "likelihood":
         raise ValueError(f"--model planar trains by maximum likelihood (--objective likelihood), got --objective {objective}")
     time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-    dequantized = getattr(flow, "bin_width", None) is not None
     base = recipe(
         objective, dim, data_kind, time_limit=time_limit, n_train=splits[0].shape[0], dequantized=dequantized
     )
@@ -341,6 +357,7 @@ def _resumed_run(
     if config.get("kind") == "cnf":
         saved_model.update(hidden=list((config.get("field") or {}).get("hidden", [])))
         saved_model.update(activation=(config.get("field") or {}).get("activation"))
+        saved_model.update(time_embedding=(config.get("field") or {}).get("time_embedding", "concatsquash"))
     else:
         saved_model.update(layers=config.get("layers"))
     for name, value in explicit(args, list(MODEL_DEFAULTS)).items():
@@ -459,6 +476,12 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         saved_data = (saved.get("run") or {}).get("data")
         if cli_images.is_image_source(saved_data):  # an image run continues on its own images
             args.data = saved_data
+    vae = args.model == "vae" or (saved is not None and (saved.get("config") or {}).get("kind") == "vae")
+    if args.time_embedding is not None and (vae or cli_images.is_image_source(args.data)):
+        raise ValueError(
+            f"--time-embedding {args.time_embedding} sets the MLP field of vectors; image fields and VAE "
+            "posteriors have their own"
+        )
     # --model vae takes the binarised images itself (fashion-mnist is also an image dataset name)
     if args.model != "vae" and cli_images.is_image_source(args.data):  # integer images: the image recipe
         if cluster.distributed:
@@ -466,7 +489,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
                 f"image data trains on one process, got {cluster.world_size} (drop --nproc / torchrun)"
             )
         return cli_images.cmd_train_images(args)
-    if args.model == "vae" or (saved is not None and (saved.get("config") or {}).get("kind") == "vae"):
+    if vae:
         if cluster.distributed:
             raise ValueError(f"--model vae trains on one process, got {cluster.world_size} (drop --nproc / torchrun)")
         return cmd_train_vae(args, resume)
@@ -1060,7 +1083,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hidden", type=positive_int, nargs="+", default=None,
         help=f"field widths (default {_words(MODEL_DEFAULTS['hidden'])} on 2-D toys, "
-        f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}; images: "
+        f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}, "
+        f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones; images: "
         f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
     )  # fmt: skip
     p.add_argument(
@@ -1068,6 +1092,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the field's activation (default {MODEL_DEFAULTS['activation']} on 2-D toys, "
         f"{model_recipe(TOY_DIM + 1, 'tabular')['activation']} on tables and files with d > {TOY_DIM}; images: "
         f"softplus); with --model vae the CNF posterior's (default {VAE_DEFAULTS['activation']})",
+    )  # fmt: skip
+    p.add_argument(
+        "--time-embedding", default=None, choices=TIME_EMBEDDINGS,
+        help=f"how the field's layers see t (default {MODEL_DEFAULTS['time_embedding']} on 2-D toys, "
+        f"{model_recipe(TOY_DIM + 1, 'tabular')['time_embedding']} on tables and files with d > {TOY_DIM}: "
+        "gates on t and log(1 - t + 0.01); "
+        f"{model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['time_embedding']} on dequantised ones)",
     )  # fmt: skip
     p.add_argument(
         "--divergence", default=None,

@@ -127,10 +127,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     # The recipe `cnf train --data digits` uses (cnf.recipes, by dimension), smaller in --quick.
     objective = args.objective or default_objective(data.dim, "tabular")
-    model = model_recipe(data.dim, "tabular")
+    model = model_recipe(data.dim, "tabular", dequantized=True)
     hidden = (16, 16) if args.quick else tuple(model["hidden"])
     solver = cnf.Solver(method=model["method"], rtol=model["rtol"], atol=model["atol"])
-    field = cnf.MLPField(data.dim, hidden=hidden, activation=model["activation"])
+    field = cnf.MLPField(data.dim, hidden=hidden, activation=model["activation"], time_embedding=model["time_embedding"])
     inner = cnf.CNF(field, divergence=model["divergence"], noise=model["noise"], solver=solver)
     flow = TransformedFlow(inner, preprocess)
     settings = recipe(objective, data.dim, "tabular", time_limit=args.seconds)

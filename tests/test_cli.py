@@ -169,15 +169,27 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     np.save(table, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
     assert main(["train", "--data", str(table), "--hidden", "8", "8", "--iters", "2", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
-    assert "model: CNF, MLPField 8-8 silu; solves with dopri5 (rtol 0.001, atol 0.001) and the exact divergence" in printed
+    assert "model: CNF, MLPField 8-8 silu, time concatsquash_log; solves with dopri5 (rtol 0.001, atol 0.001) and the exact divergence" in printed
     assert "test log p with the exact divergence, dopri5 (rtol 1e-05, atol 1e-05)" in printed
     flow, _ = cnf.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
-    assert isinstance(getattr(flow, "flow", flow).field.activations[0], torch.nn.SiLU)
+    field = getattr(flow, "flow", flow).field
+    assert isinstance(field.activations[0], torch.nn.SiLU) and field.time_embedding == "concatsquash_log"
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "r"), "--time-embedding", "concat", "--iters", "3"]) == 2
+    assert "cannot change --time-embedding when resuming" in capsys.readouterr().err
     args = ["train", "--data", str(table), "--hidden", "8", "--activation", "tanh", "--iters", "2"]
-    assert main([*args, "--out", str(tmp_path / "t")]) == 0
-    assert "model: CNF, MLPField 8 tanh;" in capsys.readouterr().out
+    assert main([*args, "--time-embedding", "concatsquash", "--out", str(tmp_path / "t")]) == 0
+    assert "model: CNF, MLPField 8 tanh, time concatsquash;" in capsys.readouterr().out
+    integers = tmp_path / "integers.npy"  # dequantised: no thin structure near t = 1, gates on t alone
+    np.save(integers, np.random.default_rng(0).integers(0, 5, size=(100, 3)).astype(np.float32))
+    assert main(["train", "--data", str(integers), "--hidden", "8", "--iters", "1", "--out", str(tmp_path / "i")]) == 0
+    printed = capsys.readouterr().out
+    assert "dequantize" in printed and "model: CNF, MLPField 8 silu, time concatsquash;" in printed
     assert main(["train", "--data", "moons", "--hidden", "8", "--iters", "1", "--out", str(tmp_path / "m")]) == 0
-    assert "model: CNF, MLPField 8 tanh;" in capsys.readouterr().out
+    assert "model: CNF, MLPField 8 tanh, time concatsquash;" in capsys.readouterr().out
+    vae = ["train", "--model", "vae", "--data", "digits", "--time-embedding", "concat", "--out", str(tmp_path / "v")]
+    assert main(vae) == 2
+    assert "--time-embedding concat sets the MLP field of vectors" in capsys.readouterr().err
     assert main(["train", "--model", "planar", "--layers", "3", "--iters", "2", "--out", str(tmp_path / "p")]) == 0
     assert "model: planar flow, 3 layers" in capsys.readouterr().out
 
@@ -185,6 +197,7 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     table_widths = " ".join(map(str, model_recipe(3, "tabular")["hidden"]))
     assert f"{table_widths} on tables and files with d > 2" in text
     assert f"default tanh on 2-D toys, {model_recipe(3, 'tabular')['activation']} on tables" in text
+    assert f"default concatsquash on 2-D toys, {model_recipe(3, 'tabular')['time_embedding']} on tables" in text
     assert f"logit margin alpha (default {DEFAULT_ALPHA:g} for tables and vectors, {IMAGE_RECIPE.alpha:g} for images)" in text
     assert "ot_flow_matching on tables and files with d > 2" in text
     tune = " ".join(build_parser()._subparsers._group_actions[0].choices["tune"].format_help().split())

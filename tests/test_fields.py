@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -280,3 +281,30 @@ def test_sigmoid_tanh_is_tanh_with_tanh_derivatives() -> None:
     assert torch.autograd.gradcheck(Tanh(), (x,))
     assert torch.autograd.gradgradcheck(Tanh(), (x,))  # Hutchinson / RNODE training differentiate twice
     assert isinstance(cnf.MLPField(2).activations[0], nn.Tanh)
+
+
+def test_log_time_features_resolve_the_end_of_the_path_and_round_trip(tmp_path) -> None:
+    # concatsquash_log gates each layer on (t, log(1 - t + eps)): the second column is what the
+    # layers read (a field with its log weights zeroed changes), t is clipped at 1 (no NaN past
+    # the end of the path), and a checkpoint rebuilds the same field from its config.
+    from cnf.fields.mlp import LOG_TIME_EPS
+
+    field = random_field(3, "silu", "concatsquash_log")
+    tt = torch.tensor([[0.25], [1.0], [1.5]], dtype=torch.float64)
+    expected = torch.tensor([[0.25, math.log(0.75 + LOG_TIME_EPS)], [1.0, math.log(LOG_TIME_EPS)]], dtype=torch.float64)
+    features = field.time_features(tt)
+    torch.testing.assert_close(features[:2], expected, rtol=0, atol=1e-12)
+    assert features[2, 1] == features[1, 1]
+    x = torch.randn(5, 3, dtype=torch.float64)
+    t = torch.tensor(0.99, dtype=torch.float64)
+    ablated = copy.deepcopy(field)
+    with torch.no_grad():
+        for layer in ablated.layers:
+            layer.gate.weight[:, 1] = 0
+            layer.shift.weight[:, 1] = 0
+    assert (field(t, x) - ablated(t, x)).abs().max() > 1e-3
+    flow = cnf.CNF(field)
+    cnf.save_checkpoint(tmp_path / "f.pt", flow)
+    restored, _ = cnf.load_checkpoint(tmp_path / "f.pt")
+    assert restored.field.time_embedding == "concatsquash_log"
+    torch.testing.assert_close(restored.field.double()(t, x), field(t, x), rtol=0, atol=1e-6)

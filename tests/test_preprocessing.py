@@ -102,6 +102,9 @@ def test_recipes_by_dimension() -> None:
     assert model_recipe(2, "toy") == {} and default_objective(2, "toy") == "likelihood"
     assert recipe("likelihood", 2, "toy")["lr"] == 5e-3  # the toys keep their measured recipe
     assert model_recipe(8, "tabular")["divergence"] == "exact"
+    assert len(model_recipe(8, "tabular")["hidden"]) == 4 and model_recipe(8, "tabular")["time_embedding"] == "concatsquash_log"
+    dequantized = model_recipe(64, "tabular", dequantized=True)
+    assert len(dequantized["hidden"]) == 3 and dequantized["time_embedding"] == "concatsquash"
     assert model_recipe(64, "tabular")["divergence"] == "hutchinson"
     assert model_recipe(64, "tabular")["noise"] == "rademacher"
     assert default_objective(64, "tabular") == "ot_flow_matching"

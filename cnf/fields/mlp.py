@@ -99,21 +99,26 @@ LOGISTIC = _Logistic()
 
 
 ACTIVATIONS = {"tanh": Tanh, "softplus": nn.Softplus, "elu": nn.ELU, "silu": nn.SiLU, "relu": nn.ReLU}
-TIME_EMBEDDINGS = ("concatsquash", "concat")
+TIME_EMBEDDINGS = ("concatsquash", "concat", "concatsquash_log")
+
+#: ``concatsquash_log`` gates and shifts each layer by (t, log(1 - t + LOG_TIME_EPS)): the flow-matching
+#: field changes steeply as t -> 1, where the paths reach the data's thin structure, and a gate
+#: linear in t cannot follow it (README, "The field's time features"). Not tuned.
+LOG_TIME_EPS = 0.01
 CONTEXT_MODES = ("concat", "film")
 
 
 class ConcatSquashLinear(nn.Module):
     """FFJORD's time-gated linear layer: ``W x * sigmoid(a t + c) + b t``."""
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, time_features: int = 1) -> None:
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
-        self.gate = nn.Linear(1, out_features)
-        self.shift = nn.Linear(1, out_features, bias=False)
+        self.gate = nn.Linear(time_features, out_features)
+        self.shift = nn.Linear(time_features, out_features, bias=False)
 
     def affine(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight and bias of x -> layer(t, x) at one time ``t`` of shape (1, 1)."""
+        """Weight and bias of x -> layer(t, x) at one time ``t`` of shape (1, time_features)."""
         gate = torch.sigmoid(self.gate(t)).reshape(-1)
         shift = self.shift(t).reshape(-1)
         return self.linear.weight * gate[:, None], torch.addcmul(shift, self.linear.bias, gate)
@@ -371,7 +376,8 @@ class MLPField(nn.Module):
         dim: data dimension.
         hidden: widths of the hidden layers.
         activation: name (``tanh``, ``softplus``, ``elu``, ``silu``, ``relu``) or an nn.Module.
-        time_embedding: ``concatsquash`` (FFJORD default) or ``concat``.
+        time_embedding: ``concatsquash`` (FFJORD default), ``concat``, or ``concatsquash_log``
+            (concat-squash layers on the time features (t, log(1 - t + 0.01)); :data:`LOG_TIME_EPS`).
         context_dim: k for a conditional field u(x, t, c) with c of shape (batch, k) or (1, k);
             None (default) for an unconditional one.
         context_mode: ``concat`` (per-sample bias in every layer) or ``film`` (per-sample
@@ -404,13 +410,16 @@ class MLPField(nn.Module):
             make_activation = ACTIVATIONS[activation]
         else:
             make_activation = lambda: activation  # noqa: E731
-        layer = ConcatSquashLinear if time_embedding == "concatsquash" else ConcatLinear
         widths = (dim, *hidden, dim)
         self.dim = dim
         self.hidden = hidden
         self.time_embedding = time_embedding
         self.activation_name = activation if isinstance(activation, str) else type(activation).__name__
-        self.layers = nn.ModuleList(layer(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        if time_embedding == "concat":
+            self.layers = nn.ModuleList(ConcatLinear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        else:
+            features = 2 if time_embedding == "concatsquash_log" else 1
+            self.layers = nn.ModuleList(ConcatSquashLinear(a, b, features) for a, b in zip(widths[:-1], widths[1:]))
         self.activations = nn.ModuleList(make_activation() for _ in hidden)
         # Rows of Jacobian columns per chunk in velocity_and_divergence (a speed knob only;
         # None: sized by divergence_chunk_samples).
@@ -502,7 +511,7 @@ class MLPField(nn.Module):
     def forward(
         self, t: torch.Tensor | float, x: torch.Tensor, context: torch.Tensor | None = None
     ) -> torch.Tensor:
-        tt = time_column(t, x)
+        tt = self.time_features(time_column(t, x))
         terms = self.context_terms(context, x.shape[0])
         h = x
         for i, layer in enumerate(self.layers):
@@ -510,6 +519,13 @@ class MLPField(nn.Module):
             if i < len(self.activations):
                 h = self.activations[i](h)
         return h
+
+    def time_features(self, tt: torch.Tensor) -> torch.Tensor:
+        """The columns each layer's time gate and shift read: t, or (t, log(1 - t + eps)) with t
+        clipped at 1 (the flow's time runs over [0, 1]; past 1 + eps the log would be NaN)."""
+        if self.time_embedding != "concatsquash_log":
+            return tt
+        return torch.cat([tt, torch.log1p(LOG_TIME_EPS - tt.clamp(max=1.0))], dim=1)
 
     @property
     def has_analytic_divergence(self) -> bool:
@@ -549,6 +565,7 @@ class MLPField(nn.Module):
             raise ValueError(
                 f"velocity_and_divergence needs one time shared by the batch, got t of shape {tuple(torch.as_tensor(t).shape)}"
             )
+        tt = self.time_features(tt)
         terms = self.context_terms(context, x.shape[0])
         kernel = None
         if compiled and not torch.is_grad_enabled():

@@ -15,7 +15,7 @@ Contract: ``forward(x) -> (y, logdet)`` per sample for x of shape (n, ...), ``in
 from cnf.transforms.base import Compose, Transform, build_transform
 from cnf.transforms.dequantize import Dequantize
 from cnf.transforms.detect import STEPS, choose_preprocessing
-from cnf.transforms.flow import TransformedFlow, bits_per_dim
+from cnf.transforms.flow import TransformedFlow, bits_per_dim, leading_dequantize
 from cnf.transforms.logit import DEFAULT_ALPHA, Logit
 from cnf.transforms.standardize import Standardize
 from cnf.transforms.whiten import Whiten
@@ -33,4 +33,5 @@ __all__ = [
     "bits_per_dim",
     "build_transform",
     "choose_preprocessing",
+    "leading_dequantize",
 ]

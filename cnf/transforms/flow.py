@@ -42,6 +42,14 @@ def _with_generator(kwargs: dict[str, Any], generator: torch.Generator | None) -
     return kwargs if generator is None else {**kwargs, "generator": generator}
 
 
+def leading_dequantize(preprocess: Transform | None) -> Dequantize | None:
+    """The :class:`Dequantize` that opens ``preprocess`` (discrete data), else None."""
+    if preprocess is None:
+        return None
+    first = next(preprocess.leaves())
+    return first if isinstance(first, Dequantize) else None
+
+
 class TransformedFlow(nn.Module):
     """``flow`` on preprocessed data, with the surface of :class:`cnf.CNF` in the data's units.
 
@@ -123,8 +131,8 @@ class TransformedFlow(nn.Module):
     @property
     def bin_width(self) -> float | None:
         """Bin width of discrete data (the first step is a :class:`Dequantize`), else None."""
-        first = next(self.preprocess.leaves())
-        return first.bin_width if isinstance(first, Dequantize) else None
+        first = leading_dequantize(self.preprocess)
+        return None if first is None else first.bin_width
 
     def bits_per_dim(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bits per dimension of discrete data x, per sample (an upper bound; see :func:`bits_per_dim`).
