@@ -232,7 +232,9 @@ def run_baseline(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 # -- flows ---------------------------------------------------------------------------------------
-def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+def build_flow(
+    name: str, dim: int, quick: bool, dequantized: bool = False, n_train: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
     """The inner flow (on preprocessed data) and its training options."""
     small = (16, 16) if quick else None
     if name.startswith("zuko-"):
@@ -251,7 +253,7 @@ def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> t
             flow.transform.atol = flow.transform.rtol = 1e-3
         return ZukoFlow(flow, dim, "cnf", (0, 0)), {"lr": 1e-3, "batch_size": 256}
     if name in DEFAULT_VARIANTS:
-        recipe = {**default_recipe(dim, dequantized), **DEFAULT_VARIANTS[name]}
+        recipe = {**default_recipe(dim, dequantized, n_train), **DEFAULT_VARIANTS[name]}
     else:
         recipe = {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
@@ -276,9 +278,9 @@ def build_flow(name: str, dim: int, quick: bool, dequantized: bool = False) -> t
     return flow, options
 
 
-def default_recipe(dim: int, dequantized: bool = False) -> dict[str, Any]:
+def default_recipe(dim: int, dequantized: bool = False, n_train: int | None = None) -> dict[str, Any]:
     """What ``cnf train --data NAME`` uses with no flags: cnf.recipes for this dimension."""
-    model = model_recipe(dim, "tabular", dequantized=dequantized)
+    model = model_recipe(dim, "tabular", dequantized=dequantized, n_train=n_train)
     objective = default_objective(dim, "tabular")
     settings = recipe(objective, dim, "tabular", dequantized=dequantized)
     solver = {k: model[k] for k in ("method", "rtol", "atol")}
@@ -334,7 +336,7 @@ def mean_nll(flow: nn.Module, x: torch.Tensor, seed: int, tol: float) -> float:
 
 def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    inner, options = build_flow(name, ctx["dim"], ctx["quick"], ctx["dequantized"])
+    inner, options = build_flow(name, ctx["dim"], ctx["quick"], ctx["dequantized"], ctx["train"].shape[0])
     model = TransformedFlow(inner, copy.deepcopy(ctx["preprocess"]))
     ema_decay = options.pop("ema_decay", None)
     settings = TrainSettings(

@@ -37,7 +37,16 @@ from cnf.losses import OBJECTIVES
 from cnf.outputs import atomic_write_text, prepare_folder, strict_json
 from cnf.pairings import describe_solvers
 from cnf.planar import ConditionalPlanarFlow, PlanarFlow
-from cnf.recipes import EVALUATION_SOLVER, TOY_DIM, default_objective, exact_evaluation, model_recipe, recipe
+from cnf.recipes import (
+    EVALUATION_SOLVER,
+    SMALL_TABLE_FIELD,
+    SMALL_TABLE_ROWS,
+    TOY_DIM,
+    default_objective,
+    exact_evaluation,
+    model_recipe,
+    recipe,
+)
 from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
@@ -314,7 +323,8 @@ def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module,
     dequantized = leading_dequantize(preprocess) is not None
     # Flags left out: the model recipe of this dimension and kind of data (cnf.recipes).
     for name, value in {
-        **MODEL_DEFAULTS, **SOLVER_DEFAULTS, **model_recipe(dim, data_kind, dequantized=dequantized)
+        **MODEL_DEFAULTS, **SOLVER_DEFAULTS,
+        **model_recipe(dim, data_kind, dequantized=dequantized, n_train=splits[0].shape[0]),
     }.items():  # fmt: skip
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1084,13 +1094,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden", type=positive_int, nargs="+", default=None,
         help=f"field widths (default {_words(MODEL_DEFAULTS['hidden'])} on 2-D toys, "
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}, "
-        f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones; images: "
+        f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones and "
+        f"tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
         f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
     )  # fmt: skip
     p.add_argument(
         "--activation", default=None, choices=tuple(ACTIVATIONS),
         help=f"the field's activation (default {MODEL_DEFAULTS['activation']} on 2-D toys, "
-        f"{model_recipe(TOY_DIM + 1, 'tabular')['activation']} on tables and files with d > {TOY_DIM}; images: "
+        f"{model_recipe(TOY_DIM + 1, 'tabular')['activation']} on tables and files with d > {TOY_DIM}, "
+        f"{SMALL_TABLE_FIELD['activation']} on tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
         f"softplus); with --model vae the CNF posterior's (default {VAE_DEFAULTS['activation']})",
     )  # fmt: skip
     p.add_argument(
@@ -1098,7 +1110,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"how the field's layers see t (default {MODEL_DEFAULTS['time_embedding']} on 2-D toys, "
         f"{model_recipe(TOY_DIM + 1, 'tabular')['time_embedding']} on tables and files with d > {TOY_DIM}: "
         "gates on t and log(1 - t + 0.01); "
-        f"{model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['time_embedding']} on dequantised ones)",
+        f"{model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['time_embedding']} on dequantised ones and "
+        f"tables of under {SMALL_TABLE_ROWS:,} training rows)",
     )  # fmt: skip
     p.add_argument(
         "--divergence", default=None,

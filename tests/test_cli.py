@@ -165,8 +165,8 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     from cnf.recipes import model_recipe
     from cnf.transforms import DEFAULT_ALPHA
 
-    table = tmp_path / "table.npy"
-    np.save(table, np.random.default_rng(0).normal(size=(100, 3)).astype(np.float32))
+    table = tmp_path / "table.npy"  # 1,040 training rows: a continuous table that is not small
+    np.save(table, np.random.default_rng(0).normal(size=(1300, 3)).astype(np.float32))
     assert main(["train", "--data", str(table), "--hidden", "8", "8", "--iters", "2", "--out", str(tmp_path / "r")]) == 0
     printed = capsys.readouterr().out
     assert "model: CNF, MLPField 8-8 silu, time concatsquash_log; solves with dopri5 (rtol 0.001, atol 0.001) and the exact divergence" in printed
@@ -177,8 +177,12 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "r"), "--time-embedding", "concat", "--iters", "3"]) == 2
     assert "cannot change --time-embedding when resuming" in capsys.readouterr().err
-    args = ["train", "--data", str(table), "--hidden", "8", "--activation", "tanh", "--iters", "2"]
-    assert main([*args, "--time-embedding", "concatsquash", "--out", str(tmp_path / "t")]) == 0
+    args = ["train", "--data", str(table), "--hidden", "8", "--activation", "elu", "--iters", "2"]
+    assert main([*args, "--time-embedding", "concat", "--out", str(tmp_path / "t")]) == 0
+    assert "model: CNF, MLPField 8 elu, time concat;" in capsys.readouterr().out
+    small = tmp_path / "small.npy"  # under 1,000 training rows: the small tables' tanh field
+    np.save(small, np.random.default_rng(1).normal(size=(100, 3)).astype(np.float32))
+    assert main(["train", "--data", str(small), "--hidden", "8", "--iters", "1", "--out", str(tmp_path / "s")]) == 0
     assert "model: CNF, MLPField 8 tanh, time concatsquash;" in capsys.readouterr().out
     integers = tmp_path / "integers.npy"  # dequantised: no thin structure near t = 1, gates on t alone
     np.save(integers, np.random.default_rng(0).integers(0, 5, size=(100, 3)).astype(np.float32))

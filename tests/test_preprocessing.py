@@ -105,6 +105,9 @@ def test_recipes_by_dimension() -> None:
     assert len(model_recipe(8, "tabular")["hidden"]) == 4 and model_recipe(8, "tabular")["time_embedding"] == "concatsquash_log"
     dequantized = model_recipe(64, "tabular", dequantized=True)
     assert len(dequantized["hidden"]) == 3 and dequantized["time_embedding"] == "concatsquash"
+    small = model_recipe(13, "tabular", n_train=142)
+    assert (small["activation"], len(small["hidden"]), small["time_embedding"]) == ("tanh", 3, "concatsquash")
+    assert model_recipe(13, "tabular", n_train=1_000)["time_embedding"] == "concatsquash_log"
     assert model_recipe(64, "tabular")["divergence"] == "hutchinson"
     assert model_recipe(64, "tabular")["noise"] == "rademacher"
     assert default_objective(64, "tabular") == "ot_flow_matching"
