@@ -31,6 +31,7 @@ from cnf.context import ContextStandardization, parse_context, split_context_col
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
 from cnf.fields import ACTIVATIONS, CONTEXT_MODES, TIME_EMBEDDINGS, MLPField
+from cnf.fields.mlp import LOG_TIME_EPS
 from cnf.flow import CNF
 from cnf.images import IMAGE_RECIPE
 from cnf.losses import OBJECTIVES
@@ -1094,8 +1095,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hidden", type=positive_int, nargs="+", default=None,
         help=f"field widths (default {_words(MODEL_DEFAULTS['hidden'])} on 2-D toys, "
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}, "
-        f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones and "
-        f"tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
+        f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones, "
+        f"{_words(SMALL_TABLE_FIELD['hidden'])} on tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
         f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
     )  # fmt: skip
     p.add_argument(
@@ -1109,9 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-embedding", default=None, choices=TIME_EMBEDDINGS,
         help=f"how the field's layers see t (default {MODEL_DEFAULTS['time_embedding']} on 2-D toys, "
         f"{model_recipe(TOY_DIM + 1, 'tabular')['time_embedding']} on tables and files with d > {TOY_DIM}: "
-        "gates on t and log(1 - t + 0.01); "
-        f"{model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['time_embedding']} on dequantised ones and "
-        f"tables of under {SMALL_TABLE_ROWS:,} training rows)",
+        f"gates on t and log(1 - t + {LOG_TIME_EPS:g}); "
+        f"{model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['time_embedding']} on dequantised ones, "
+        f"{SMALL_TABLE_FIELD['time_embedding']} on tables of under {SMALL_TABLE_ROWS:,} training rows)",
     )  # fmt: skip
     p.add_argument(
         "--divergence", default=None,

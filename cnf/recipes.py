@@ -199,13 +199,13 @@ def model_recipe(
     _check("likelihood", dim, data_kind)
     if data_kind == "toy" or dim <= TOY_DIM:
         return {}
-    field = {
-        "hidden": list(DEQUANTIZED_TABLE_HIDDEN if dequantized else TABLE_HIDDEN),
-        "activation": TABLE_ACTIVATION,
-        "time_embedding": DEQUANTIZED_TABLE_TIME_EMBEDDING if dequantized else TABLE_TIME_EMBEDDING,
-    }
-    if not dequantized and n_train is not None and n_train < SMALL_TABLE_ROWS:
+    if dequantized:
+        field = {"hidden": list(DEQUANTIZED_TABLE_HIDDEN), "time_embedding": DEQUANTIZED_TABLE_TIME_EMBEDDING}
+    elif n_train is not None and n_train < SMALL_TABLE_ROWS:
         field = dict(SMALL_TABLE_FIELD)
+    else:
+        field = {"hidden": list(TABLE_HIDDEN), "time_embedding": TABLE_TIME_EMBEDDING}
+    field = {"activation": TABLE_ACTIVATION, **field}
     return {
         **field,
         "divergence": "hutchinson" if dim >= 16 else "exact",
