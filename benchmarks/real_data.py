@@ -119,6 +119,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     # the table field before 2026-12-07 (tanh, 256x3, gates on t), and with SiLU only
     "cnf-default-tanh3": {"activation": "tanh", "hidden": (256, 256, 256), "time_embedding": "concatsquash"},
     "cnf-default-silu3": {"activation": "silu", "hidden": (256, 256, 256), "time_embedding": "concatsquash"},
+    # the default without its closing maximum-likelihood phase (the recipe before 2026-12-07's second change)
+    "cnf-default-fm-only": {"likelihood_finetune": 0.0},
 }
 BASELINES = ("gaussian", "gmm", "kde")
 #: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
@@ -143,6 +145,7 @@ COLUMNS = (
     "train_seconds",
     "best_step",
     "steps",
+    "likelihood_steps",
     "score_seconds",
     "score_nfe",
     "sample_seconds",
@@ -233,7 +236,12 @@ def run_baseline(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
 # -- flows ---------------------------------------------------------------------------------------
 def build_flow(
-    name: str, dim: int, quick: bool, dequantized: bool = False, n_train: int | None = None
+    name: str,
+    dim: int,
+    quick: bool,
+    dequantized: bool = False,
+    n_train: int | None = None,
+    budget: float | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The inner flow (on preprocessed data) and its training options."""
     small = (16, 16) if quick else None
@@ -253,7 +261,7 @@ def build_flow(
             flow.transform.atol = flow.transform.rtol = 1e-3
         return ZukoFlow(flow, dim, "cnf", (0, 0)), {"lr": 1e-3, "batch_size": 256}
     if name in DEFAULT_VARIANTS:
-        recipe = {**default_recipe(dim, dequantized, n_train), **DEFAULT_VARIANTS[name]}
+        recipe = {**default_recipe(dim, dequantized, n_train, budget), **DEFAULT_VARIANTS[name]}
     else:
         recipe = {**CNF_RECIPES, **RECIPE_VARIANTS}[name]
     solver = Solver(**recipe.get("solver", {"method": "dopri5", "rtol": 1e-3, "atol": 1e-3}))
@@ -271,22 +279,28 @@ def build_flow(
     )
     options = {
         k: recipe[k]
-        for k in ("lr", "batch_size", "objective", "kinetic_weight", "jacobian_weight", "time_exponent")
+        for k in (
+            "lr", "batch_size", "objective", "kinetic_weight", "jacobian_weight", "time_exponent",
+            "likelihood_finetune", "finetune_lr",
+        )
         if k in recipe
-    }
+    }  # fmt: skip
     options["ema_decay"] = recipe.get("ema_decay")
     return flow, options
 
 
-def default_recipe(dim: int, dequantized: bool = False, n_train: int | None = None) -> dict[str, Any]:
-    """What ``cnf train --data NAME`` uses with no flags: cnf.recipes for this dimension."""
+def default_recipe(
+    dim: int, dequantized: bool = False, n_train: int | None = None, budget: float | None = None
+) -> dict[str, Any]:
+    """What ``cnf train --data NAME --time-limit BUDGET`` uses with no other flag: cnf.recipes
+    for this dimension, number of training rows and time limit."""
     model = model_recipe(dim, "tabular", dequantized=dequantized, n_train=n_train)
     objective = default_objective(dim, "tabular")
-    settings = recipe(objective, dim, "tabular", dequantized=dequantized)
+    settings = recipe(objective, dim, "tabular", dequantized=dequantized, n_train=n_train, time_limit=budget)
     solver = {k: model[k] for k in ("method", "rtol", "atol")}
     options = {
         k: settings[k]
-        for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight", "time_exponent")
+        for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight", "time_exponent", "likelihood_finetune")
         if k in settings
     }
     return {
@@ -336,7 +350,9 @@ def mean_nll(flow: nn.Module, x: torch.Tensor, seed: int, tol: float) -> float:
 
 def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    inner, options = build_flow(name, ctx["dim"], ctx["quick"], ctx["dequantized"], ctx["train"].shape[0])
+    inner, options = build_flow(
+        name, ctx["dim"], ctx["quick"], ctx["dequantized"], ctx["train"].shape[0], ctx["budget"]
+    )
     model = TransformedFlow(inner, copy.deepcopy(ctx["preprocess"]))
     ema_decay = options.pop("ema_decay", None)
     settings = TrainSettings(
@@ -364,7 +380,16 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
 
     best_val, best_step, best_state = validate(best_val, best_step, best_state)  # the start (step 0)
     model.train()
+    finetuning, switch_step = False, None
     while checkpoints:
+        if not finetuning and settings.finetuning(steps, seconds):  # cnf.train's likelihood phase
+            best_val, best_step, best_state = validate(best_val, best_step, best_state)  # flow matching's result
+            model.train()
+            if ema is not None:
+                model.load_state_dict(ema.shadow)
+                ema = None
+            optimizer = torch.optim.Adam(model.parameters(), lr=settings.finetune_lr)
+            loss_fn, finetuning, switch_step = settings.finetune_loss_function(), True, steps
         start = time.perf_counter()
         batch = train[torch.randint(0, train.shape[0], (min(settings.batch_size, train.shape[0]),))]
         loss = loss_fn(model, batch)
@@ -408,6 +433,7 @@ def run_flow(name: str, ctx: dict[str, Any], seed: int) -> dict[str, Any]:
         "train_seconds": seconds,
         "steps": steps,
         "best_step": best_step,
+        "likelihood_steps": None if switch_step is None else steps - switch_step,
         "score_seconds": score_seconds,
         "score_nfe": score_nfe,
         "sample_seconds": sample_seconds,
@@ -472,6 +498,7 @@ def summarise(name: str, model: str, runs: list[dict[str, Any]], ctx: dict[str, 
         "params",
         "train_seconds",
         "steps",
+        "likelihood_steps",
         "best_step",
         "score_seconds",
         "score_nfe",

@@ -42,6 +42,7 @@ from cnf.recipes import (
     EVALUATION_SOLVER,
     SMALL_TABLE_FIELD,
     SMALL_TABLE_ROWS,
+    TABLE_LIKELIHOOD_FINETUNE,
     TOY_DIM,
     default_objective,
     exact_evaluation,
@@ -51,6 +52,7 @@ from cnf.recipes import (
 from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
+    DEFAULT_FINETUNE_LR,
     LOG_NAME,
     SUMMARY_NAME,
     TrainingError,
@@ -102,6 +104,8 @@ TRAIN_FLAGS = (
     "jacobian_weight",
     "sigma_min",
     "time_exponent",
+    "likelihood_finetune",
+    "finetune_lr",
     "ema_decay",
     "seed",
 )
@@ -1151,6 +1155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jacobian-weight", type=float, default=None, help="RNODE Jacobian-norm weight (0.01 in the paper)"
     )
+    p.add_argument(
+        "--likelihood-finetune", type=unit_interval, default=None, metavar="F",
+        help="flow matching: train the last fraction F of the run by maximum likelihood, from the EMA "
+        f"weights (0: off; the recipe's default on continuous tables of {SMALL_TABLE_ROWS:,} "
+        f"training rows or more, with a time limit: {TABLE_LIKELIHOOD_FINETUNE:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--finetune-lr", type=positive_float, default=None,
+        help=f"Adam's learning rate in the maximum-likelihood phase (default {DEFAULT_FINETUNE_LR:g})",
+    )  # fmt: skip
     p.add_argument("--sigma-min", type=unit_interval, default=None, help="flow-matching path width at t=1")
     p.add_argument(
         "--time-exponent", type=positive_float, default=None, metavar="K",

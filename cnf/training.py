@@ -75,6 +75,11 @@ from cnf.pairings import PairingsAhead, assignment_threads, can_pair_ahead
 from cnf.recipes import default_threads
 from cnf.solver import SolveInterrupted, SolverError, stop_check
 
+#: Adam's learning rate in the maximum-likelihood phase after flow matching
+#: (``TrainSettings.likelihood_finetune``); see cnf.recipes.TABLE_LIKELIHOOD_FINETUNE.
+DEFAULT_FINETUNE_LR = 3e-4
+#: The checkpoint's ``phase`` entry in the maximum-likelihood phase after flow matching.
+FINETUNE_PHASE = "likelihood_finetune"
 CHECKPOINT_NAME = "checkpoint.pt"
 BEST_NAME = "best.pt"
 LR_SCHEDULES = ("constant", "cosine")
@@ -107,7 +112,11 @@ class TrainSettings:
     recommended values per objective. ``elbo`` trains a :class:`cnf.vae.VAE` on dynamically
     binarised images, the KL term's weight rising linearly to 1 over ``kl_warmup`` steps.
     ``patience``: stop after that many validations without improvement and keep the best weights
-    (early stopping).
+    (early stopping). ``likelihood_finetune`` f > 0 (flow matching only) trains the last fraction f
+    of the run (by the progress the cosine schedule uses) by maximum likelihood instead, starting
+    from the EMA weights, with a fresh Adam at ``finetune_lr`` (cosine within that phase): flow
+    matching regresses the velocity and never sees the likelihood; a short maximum-likelihood
+    phase (FFJORD's objective, Grathwohl et al. 2019) then corrects what it leaves.
     """
 
     iters: int | None = 1000
@@ -129,9 +138,12 @@ class TrainSettings:
     seed: int = 0
     kl_warmup: int = 0
     patience: int | None = None
+    likelihood_finetune: float = 0.0
+    finetune_lr: float = DEFAULT_FINETUNE_LR
 
     def __post_init__(self) -> None:
         self._check_vae_options()
+        self._check_finetune_options()
         for name in ("batch_size", "val_every", "val_size", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -167,13 +179,48 @@ class TrainSettings:
         ):
             raise ValueError(f"patience must be a positive int (validations) or None, got {self.patience!r}")
 
+    def _check_finetune_options(self) -> None:
+        f = self.likelihood_finetune
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 <= f < 1):
+            raise ValueError(f"likelihood_finetune must be a fraction of the run in [0, 1), got {f!r}")
+        if f and self.objective not in ("flow_matching", "ot_flow_matching"):
+            raise ValueError(
+                f"likelihood_finetune={f!r} follows flow matching with maximum likelihood; objective "
+                f"{self.objective!r} is not flow matching"
+            )
+        lr = self.finetune_lr
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"finetune_lr must be a positive float, got {lr!r}")
+
     def describe(self) -> str:
         """The objective and optimiser settings in words, as ``cnf train`` prints them."""
         return (
             f"{self.objective} with lr {self.lr:g}, batch {self.batch_size}, {self.lr_schedule} schedule"
             + (f", EMA {self.ema_decay:g}" if self.ema_decay else "")
             + (f", times t ~ Beta(1, 1/{self.time_exponent:g})" if self.time_exponent != DEFAULT_TIME_EXPONENT else "")
+            + (
+                f", then maximum likelihood for the last {self.likelihood_finetune:.0%} at lr {self.finetune_lr:g}"
+                if self.likelihood_finetune
+                else ""
+            )
         )
+
+    def progress(self, step: int, elapsed: float) -> float:
+        """How far the run is, in [0, 1]: the larger of step / iters and elapsed / time_limit
+        (``lr_horizon`` replaces time_limit when set)."""
+        progress = step / self.iters if self.iters is not None else 0.0
+        horizon = self.lr_horizon if self.lr_horizon is not None else self.time_limit
+        if horizon is not None:
+            progress = max(progress, elapsed / horizon)
+        return min(progress, 1.0)
+
+    def finetuning(self, step: int, elapsed: float) -> bool:
+        """Whether the run is in its maximum-likelihood phase (the last ``likelihood_finetune``)."""
+        return self.likelihood_finetune > 0 and self.progress(step, elapsed) >= 1 - self.likelihood_finetune
+
+    def finetune_loss_function(self) -> Loss:
+        """The loss of the maximum-likelihood phase (``likelihood_finetune``)."""
+        return make_objective("likelihood")
 
     def loss_kwargs(self, step: int) -> dict[str, Any]:
         """Step-dependent options of the loss: the KL warm-up weight of the ``elbo`` objective."""
@@ -191,16 +238,20 @@ class TrainSettings:
         ``cosine`` decays from ``lr`` to ``lr / 20`` over the run, whose progress is the larger of
         step / iters and elapsed / time_limit, so a wall-clock-limited run also ends annealed
         (Loshchilov & Hutter 2017, without restarts). ``lr_horizon`` (seconds) replaces
-        time_limit there, for a run trained in resumed segments towards one total budget."""
+        time_limit there, for a run trained in resumed segments towards one total budget. With
+        ``likelihood_finetune`` f the flow-matching phase anneals over its share 1 - f of the run
+        and the maximum-likelihood phase over the rest, from ``finetune_lr``."""
+        lr, progress, f = self.lr, self.progress(step, elapsed), self.likelihood_finetune
+        if f:
+            if progress >= 1 - f:
+                lr, progress = self.finetune_lr, (progress - (1 - f)) / f
+            else:
+                progress = progress / (1 - f)
         if self.lr_schedule == "constant":
-            return self.lr
-        progress = step / self.iters if self.iters is not None else 0.0
-        horizon = self.lr_horizon if self.lr_horizon is not None else self.time_limit
-        if horizon is not None:
-            progress = max(progress, elapsed / horizon)
+            return lr
         progress = min(progress, 1.0)
-        floor = self.lr / 20
-        return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        floor = lr / 20
+        return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def loss_function(self) -> Loss:
         """``loss(flow, batch)`` of the chosen objective with its options bound."""
@@ -422,6 +473,11 @@ def train(
     if dtype is not None:  # data follow the flow's dtype (torch.from_numpy gives float64)
         data = data.to(dtype)
         val_data = val_data.to(dtype) if val_data is not None else None
+    if settings.likelihood_finetune and cluster.distributed:
+        raise ValueError(
+            f"likelihood_finetune={settings.likelihood_finetune!r} runs in one process only; pass "
+            "likelihood_finetune=0 (cnf train: --likelihood-finetune 0) to train on several"
+        )
     loss_fn = settings.loss_function()
     # foreach: one call per step for all parameters (torch picks it by default on CUDA only); on
     # CPU it takes the per-parameter Python loop out of a step that is short for flow matching.
@@ -492,9 +548,24 @@ def _train_loop(
     # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
     step_loss = cluster.wrap_loss(flow, loss_fn)
     ema = ExponentialMovingAverage(flow, settings.ema_decay) if settings.ema_decay is not None else None
+    # The maximum-likelihood phase after flow matching (settings.likelihood_finetune): a checkpoint
+    # written in it holds that phase's weights (no EMA) and optimiser.
+    finetuning = payload is not None and payload.get("phase") == FINETUNE_PHASE
+
+    def start_finetuning() -> None:
+        nonlocal ema, optimizer, step_loss, ahead, finetuning
+        if ema is not None:  # the averaged weights are where maximum likelihood starts
+            flow.load_state_dict(ema.shadow)
+            ema = None
+        optimizer = torch.optim.Adam(flow.parameters(), lr=settings.finetune_lr, foreach=True)
+        step_loss = cluster.wrap_loss(flow, settings.finetune_loss_function())
+        ahead, finetuning = None, True
 
     step, elapsed, history = 0, 0.0, []
     best: dict[str, Any] | None = None
+    ahead = None
+    if finetuning:
+        start_finetuning()
     if payload is not None:
         config = payload.get("config")
         if config is not None and callable(getattr(flow, "config", None)):
@@ -525,7 +596,7 @@ def _train_loop(
         nonlocal saved_step
         if checkpoint_path is None or not cluster.is_main:
             return
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"phase": FINETUNE_PHASE} if finetuning else {}
         if ema is not None:
             extra["train_state_dict"] = {k: v.detach().clone() for k, v in flow.state_dict().items()}
             extra["ema"] = {"decay": settings.ema_decay, "updates": ema.updates}
@@ -580,8 +651,7 @@ def _train_loop(
     batch_size = cluster.batch_size(settings.batch_size, n_total)
     # OT flow matching: each step draws from its own generators, and the assignments of the next
     # world_size * assignment_threads steps are solved ahead, in parallel (cnf.pairings).
-    ahead = None
-    if pairs_ahead:
+    if pairs_ahead and not finetuning:
         ahead = PairingsAhead(flow, data, context, batch_size, settings.seed, cluster, assignment_threads)
     show_bar = _use_progress_bar(progress) and cluster.is_main
     bar = tqdm(total=settings.iters, initial=step, disable=not show_bar, unit="it")
@@ -613,6 +683,16 @@ def _train_loop(
                 if time.perf_counter() >= deadline:
                     stopped_by = "time_limit"
                     break
+            if not finetuning and settings.finetuning(step, time.perf_counter() - start):
+                validated = bool(history) and "val_nll" in history[-1]
+                if val_subset is not None and step > 0 and not validated:  # kept in best.pt if better
+                    try:
+                        val_nll = validate()
+                    except SolveInterrupted:
+                        flow.train()
+                        continue  # the time is up: the loop stops above
+                start_finetuning()
+                durations.clear()  # a likelihood step costs a solve: time it afresh
             step_start = time.perf_counter()
             rng_before_step = torch.get_rng_state()  # an abandoned step must not consume randomness
             rows = torch.randint(0, n, (batch_size,), device=data.device) if ahead is None else ahead.rows(step)
@@ -687,6 +767,8 @@ def _train_loop(
                 "nfe_forward": nfe_forward,
                 "nfe_backward": nfe_backward,
             }
+            if finetuning:
+                record["objective"] = "likelihood"
             if val_subset is not None and (step % settings.val_every == 0 or step == settings.iters):
                 try:
                     val_nll = validate()

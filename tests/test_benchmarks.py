@@ -152,3 +152,16 @@ def test_work_precision_abandons_a_solve_past_its_time_cap() -> None:
     with time_cap(5.0):  # a block that ends in time is untouched, and the timer is cleared
         total = sum(range(1000))
     assert total == 499500
+
+
+def test_real_data_default_ends_with_the_likelihood_phase_where_the_recipe_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cnf.recipes
+
+    monkeypatch.setattr(cnf.recipes, "SMALL_TABLE_ROWS", 100)  # quick mode keeps 300 training rows
+    real_data.main(["--quick", "--datasets", "breast_cancer", "--models", "cnf-default", "cnf-default-fm-only", "--out", str(tmp_path)])
+    models = {r["model"]: r for r in _read(tmp_path, "real_data")["rows"]}
+    assert models["cnf-default"]["likelihood_steps"] >= 1
+    assert models["cnf-default-fm-only"]["likelihood_steps"] is None
+    assert models["cnf-default"]["steps"] > models["cnf-default"]["likelihood_steps"]
