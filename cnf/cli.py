@@ -53,6 +53,7 @@ from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
     DEFAULT_FINETUNE_LR,
+    FINETUNE_DIVERGENCES,
     LOG_NAME,
     SUMMARY_NAME,
     TrainingError,
@@ -106,6 +107,7 @@ TRAIN_FLAGS = (
     "time_exponent",
     "likelihood_finetune",
     "finetune_lr",
+    "finetune_divergence",
     "ema_decay",
     "seed",
 )
@@ -527,6 +529,9 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
     else:
         run, flow, settings, splits, contexts = _new_run(args)
         out = Path(args.out) if args.out is not None else Path("runs/default")
+        if cluster.distributed and settings.likelihood_finetune and args.likelihood_finetune is None:
+            settings = TrainSettings(**{**asdict(settings), "likelihood_finetune": 0.0})
+            print("note: the recipe's closing maximum-likelihood phase runs in one process only; training without it")
         print(f"model: {describe_model(flow)}")
     train_set, val_set, test_set = splits
     if cluster.is_main:  # rank 0 owns the run folder
@@ -1164,6 +1169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--finetune-lr", type=positive_float, default=None,
         help=f"Adam's learning rate in the maximum-likelihood phase (default {DEFAULT_FINETUNE_LR:g})",
+    )  # fmt: skip
+    p.add_argument(
+        "--finetune-divergence", choices=FINETUNE_DIVERGENCES, default=None,
+        help="the divergence in the maximum-likelihood phase's training solves (default hutchinson, "
+        "Rademacher probes; validation keeps the model's own, the test score is exact)",
     )  # fmt: skip
     p.add_argument("--sigma-min", type=unit_interval, default=None, help="flow-matching path width at t=1")
     p.add_argument(

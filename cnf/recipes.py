@@ -259,7 +259,9 @@ def recipe(
     tables validate more often (:data:`SMALL_TABLE_ROWS`), on large ones less often
     (:data:`LARGE_TABLE_ROWS`). Flow matching on tables that are not
     ``dequantized`` (integer levels spread by noise, as digits) draws more training times near the
-    data (:data:`CONTINUOUS_TABLE_TIME_EXPONENT`). Use it as
+    data (:data:`CONTINUOUS_TABLE_TIME_EXPONENT`), and there, on tables of at least
+    :data:`SMALL_TABLE_ROWS` rows with a ``time_limit``, ends with a maximum-likelihood phase
+    (:data:`TABLE_LIKELIHOOD_FINETUNE`). Use it as
     ``cnf.train(flow, data, **recipe("ot_flow_matching"))`` or ``TrainSettings(**recipe(...))``.
     """
     _check(objective, dim, data_kind)

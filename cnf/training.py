@@ -62,6 +62,7 @@ from cnf.losses import (
     Loss,
     kl_warmup_weight,
     make_objective,
+    nll_loss_with_divergence,
 )
 from cnf.outputs import (
     RunLock,
@@ -78,6 +79,9 @@ from cnf.solver import SolveInterrupted, SolverError, stop_check
 #: Adam's learning rate in the maximum-likelihood phase after flow matching
 #: (``TrainSettings.likelihood_finetune``); see cnf.recipes.TABLE_LIKELIHOOD_FINETUNE.
 DEFAULT_FINETUNE_LR = 3e-4
+#: How the maximum-likelihood phase after flow matching computes the divergence in its training
+#: solves (``TrainSettings.finetune_divergence``; validation and scoring keep the flow's own).
+FINETUNE_DIVERGENCES = ("hutchinson", "exact")
 #: The checkpoint's ``phase`` entry in the maximum-likelihood phase after flow matching.
 FINETUNE_PHASE = "likelihood_finetune"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -114,9 +118,11 @@ class TrainSettings:
     ``patience``: stop after that many validations without improvement and keep the best weights
     (early stopping). ``likelihood_finetune`` f > 0 (flow matching only) trains the last fraction f
     of the run (by the progress the cosine schedule uses) by maximum likelihood instead, starting
-    from the EMA weights, with a fresh Adam at ``finetune_lr`` (cosine within that phase): flow
-    matching regresses the velocity and never sees the likelihood; a short maximum-likelihood
-    phase (FFJORD's objective, Grathwohl et al. 2019) then corrects what it leaves.
+    from the EMA weights, with a fresh Adam at ``finetune_lr`` (cosine within that phase) and
+    ``finetune_divergence`` in its training solves (Hutchinson by default: an unbiased gradient at
+    a fraction of the exact trace's cost): flow matching regresses the velocity and never sees the
+    likelihood; a short maximum-likelihood phase (FFJORD's objective, Grathwohl et al. 2019) then
+    corrects what it leaves.
     """
 
     iters: int | None = 1000
@@ -140,6 +146,7 @@ class TrainSettings:
     patience: int | None = None
     likelihood_finetune: float = 0.0
     finetune_lr: float = DEFAULT_FINETUNE_LR
+    finetune_divergence: str = "hutchinson"
 
     def __post_init__(self) -> None:
         self._check_vae_options()
@@ -191,6 +198,10 @@ class TrainSettings:
         lr = self.finetune_lr
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"finetune_lr must be a positive float, got {lr!r}")
+        if self.finetune_divergence not in FINETUNE_DIVERGENCES:
+            raise ValueError(
+                f"unknown finetune_divergence {self.finetune_divergence!r}; choose one of {FINETUNE_DIVERGENCES}"
+            )
 
     def describe(self) -> str:
         """The objective and optimiser settings in words, as ``cnf train`` prints them."""
@@ -199,7 +210,8 @@ class TrainSettings:
             + (f", EMA {self.ema_decay:g}" if self.ema_decay else "")
             + (f", times t ~ Beta(1, 1/{self.time_exponent:g})" if self.time_exponent != DEFAULT_TIME_EXPONENT else "")
             + (
-                f", then maximum likelihood for the last {self.likelihood_finetune:.0%} at lr {self.finetune_lr:g}"
+                f", then maximum likelihood for the last {self.likelihood_finetune:.0%} at lr {self.finetune_lr:g} "
+                f"({self.finetune_divergence} divergence)"
                 if self.likelihood_finetune
                 else ""
             )
@@ -219,8 +231,9 @@ class TrainSettings:
         return self.likelihood_finetune > 0 and self.progress(step, elapsed) >= 1 - self.likelihood_finetune
 
     def finetune_loss_function(self) -> Loss:
-        """The loss of the maximum-likelihood phase (``likelihood_finetune``)."""
-        return make_objective("likelihood")
+        """The loss of the maximum-likelihood phase (``likelihood_finetune``): the NLL with
+        ``finetune_divergence`` in its training solves, whatever the flow's own divergence."""
+        return functools.partial(nll_loss_with_divergence, divergence=self.finetune_divergence)
 
     def loss_kwargs(self, step: int) -> dict[str, Any]:
         """Step-dependent options of the loss: the KL warm-up weight of the ``elbo`` objective."""

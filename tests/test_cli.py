@@ -209,6 +209,24 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     assert "(default: None)" not in tune and "(default: True)" not in tune
 
 
+def test_a_large_continuous_table_ends_with_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The recipe's closing likelihood phase reaches `cnf train` with no flag (and --likelihood-finetune 0
+    turns it off); the phase's records are marked in the log."""
+    table = tmp_path / "table.npy"  # 1,040 training rows
+    np.save(table, np.random.default_rng(0).normal(size=(1300, 3)).astype(np.float32))
+    args = ["train", "--data", str(table), "--hidden", "8", "--iters", "10", "--val-every", "100"]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0
+    assert "then maximum likelihood for the last 10% at lr 0.0003" in capsys.readouterr().out
+    log = [json.loads(line) for line in (tmp_path / "r" / "train_log.jsonl").read_text().splitlines()]
+    assert [r.get("objective") for r in log if r["step"] >= 9][-1] == "likelihood"
+    assert not any(r.get("objective") for r in log if r["step"] < 9)
+    assert main([*args, "--likelihood-finetune", "0", "--out", str(tmp_path / "off")]) == 0
+    assert "maximum likelihood for the last" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*args, "--likelihood-finetune", "1", "--out", str(tmp_path / "bad")])
+    assert "--likelihood-finetune: must lie in [0, 1), got '1'" in capsys.readouterr().err
+
+
 def test_a_table_run_with_whitening_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The whitening's mean and matrix are tensors in the config that resuming compares (it used
     to stop with 'Boolean value of Tensor with more than one value is ambiguous')."""

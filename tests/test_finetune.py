@@ -134,3 +134,37 @@ def test_the_recipe_fine_tunes_large_continuous_tables_with_a_time_limit_only() 
     assert recipe("ot_flow_matching", 2, "toy", time_limit=60.0).get("likelihood_finetune", 0.0) == 0.0
     assert "likelihood_finetune" not in recipe("likelihood", 7, "tabular", time_limit=600.0, n_train=80_000)
     assert DEFAULT_FINETUNE_LR == 3e-4
+
+
+class Linear(torch.nn.Module):
+    """u(x, t) = A x: divergence tr(A); a Rademacher probe's estimate is off by sum_{i != j} A_ij e_i e_j."""
+
+    dim = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([[0.3, 0.8], [-0.5, -0.1]], dtype=torch.float64))
+
+    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.a.T
+
+
+def test_the_phase_can_use_hutchinson_and_gives_the_flow_back_its_divergence() -> None:
+    from cnf.losses import nll_loss, nll_loss_with_divergence
+
+    flow = cnf.CNF(Linear(), divergence="exact", solver=cnf.Solver(method="rk4", step_size=0.05))
+    x = torch.randn(4096, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    exact = nll_loss(flow, x)
+    torch.manual_seed(1)
+    one = nll_loss_with_divergence(flow, x[:1], divergence="hutchinson")
+    assert flow.divergence == "exact" and flow.noise == "gaussian"  # restored
+    assert abs(one.item() - nll_loss(flow, x[:1]).item()) > 0.1  # the probe's off-diagonal terms: not exact
+    many = nll_loss_with_divergence(flow, x, divergence="hutchinson")
+    assert many.item() == pytest.approx(exact.item(), abs=0.05)  # unbiased: the batch mean averages them out
+    many.backward()
+    assert flow.field.a.grad is not None and torch.isfinite(flow.field.a.grad).all()
+    assert nll_loss_with_divergence(flow, x, divergence="exact").item() == pytest.approx(exact.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="unknown divergence 'trace'"):
+        nll_loss_with_divergence(flow, x, divergence="trace")
+    with pytest.raises(ValueError, match="unknown finetune_divergence 'trace'"):
+        TrainSettings(objective="flow_matching", finetune_divergence="trace")
