@@ -704,6 +704,9 @@ def _train_loop(
                     except SolveInterrupted:
                         flow.train()
                         continue  # the time is up: the loop stops above
+                    history[-1]["val_nll"] = val_nll
+                    if log_path is not None:  # the log gets the last flow-matching record again, validated
+                        append_line(log_path, strict_json(history[-1]))
                 start_finetuning()
                 durations.clear()  # a likelihood step costs a solve: time it afresh
             step_start = time.perf_counter()

@@ -7,6 +7,7 @@ discrete-versus-continuous benchmarks also run with all of them made unimportabl
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from benchmarks import (
     distributed,
     divergence_forms,
     images,
+    likelihood_finetune,
     peers,
     real_data,
     scaling,
@@ -35,6 +37,7 @@ BENCHMARKS = {
     "train_toy": train_toy.main,
     "divergence_forms": divergence_forms.main,
     "images_digits-images": images.main,
+    "likelihood_finetune": likelihood_finetune.main,
     "discrete_vs_continuous": discrete_vs_continuous.main,
     "distributed": distributed.main,
     "peers": peers.main,
@@ -102,6 +105,10 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert all(r["bits_per_dim"] > 0 for r in models.values())  # digits: discrete
         assert models["cnf-default"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
+    if name == "likelihood_finetune":
+        rows = {r["divergence"]: r for r in payload["rows"]}
+        assert set(rows) == {"hutchinson", "exact"}
+        assert all(r["steps"] >= 1 and math.isfinite(r["test_nll_after"]) for r in rows.values())
     if name == "work_precision":
         assert (tmp_path / "work_precision.png").stat().st_size > 0
         assert {(s["dim"], s["threads"]) for s in payload["segments"]} == {(2, 1), (3, 1)}
@@ -160,6 +167,8 @@ def test_real_data_default_ends_with_the_likelihood_phase_where_the_recipe_says(
     import cnf.recipes
 
     monkeypatch.setattr(cnf.recipes, "SMALL_TABLE_ROWS", 100)  # quick mode keeps 300 training rows
+    # half of quick mode's 0.2 s: a tenth could pass within one flow-matching step on a busy machine
+    monkeypatch.setattr(cnf.recipes, "TABLE_LIKELIHOOD_FINETUNE", 0.5)
     real_data.main(["--quick", "--datasets", "breast_cancer", "--models", "cnf-default", "cnf-default-fm-only", "--out", str(tmp_path)])
     models = {r["model"]: r for r in _read(tmp_path, "real_data")["rows"]}
     assert models["cnf-default"]["likelihood_steps"] >= 1

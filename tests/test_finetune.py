@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -79,7 +80,9 @@ def test_the_likelihood_phase_starts_from_the_flow_matching_result(data: torch.T
     payload = read_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["phase"] == FINETUNE_PHASE and "ema" not in payload  # no moving average after the switch
     # the flow-matching result was validated at the switch (step 30): best.pt may keep it
-    assert result.best_step in (30, 40)
+    assert "val_nll" in result.history[29] and result.best_step in (30, 40)
+    logged = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "val_nll" in r] == [30, 40]
 
 
 def test_the_likelihood_phase_lowers_the_training_nll(data: torch.Tensor) -> None:
