@@ -30,6 +30,7 @@ from cnf.checkpoint import build_flow, convert_trusted_checkpoint, load_checkpoi
 from cnf.context import ContextStandardization, parse_context, split_context_columns
 from cnf.data import load_data, split, true_log_prob
 from cnf.data.real import LEVELS, REAL_DATASETS, load_real
+from cnf.divergence import DIVERGENCES
 from cnf.fields import ACTIVATIONS, CONTEXT_MODES, TIME_EMBEDDINGS, MLPField
 from cnf.fields.mlp import LOG_TIME_EPS
 from cnf.flow import CNF
@@ -53,7 +54,6 @@ from cnf.solver import Solver
 from cnf.training import (
     CHECKPOINT_NAME,
     DEFAULT_FINETUNE_LR,
-    FINETUNE_DIVERGENCES,
     LOG_NAME,
     SUMMARY_NAME,
     TrainingError,
@@ -1171,7 +1171,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Adam's learning rate in the maximum-likelihood phase (default {DEFAULT_FINETUNE_LR:g})",
     )  # fmt: skip
     p.add_argument(
-        "--finetune-divergence", choices=FINETUNE_DIVERGENCES, default=None,
+        "--finetune-divergence", choices=DIVERGENCES, default=None,
         help="the divergence in the maximum-likelihood phase's training solves (default hutchinson, "
         "Rademacher probes; validation keeps the model's own, the test score is exact)",
     )  # fmt: skip

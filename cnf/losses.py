@@ -31,6 +31,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from cnf.context import check_context, context_dim_of
+from cnf.divergence import DIVERGENCES
 from cnf.flow import base_sample
 from cnf.regularizers import check_weight, rnode_penalty
 from cnf.solver import SolveStats
@@ -83,11 +84,11 @@ def nll_loss_with_divergence(
     the trace. The solve's dynamics keep the choice, so gradients (adjoint ones too) match it; the
     flow's own setting comes back afterwards. Used by the maximum-likelihood phase after flow
     matching, where the Hutchinson estimate gives an unbiased gradient at a fraction of the cost."""
-    if divergence not in ("exact", "hutchinson"):
-        raise ValueError(f"unknown divergence {divergence!r}; choose 'exact' or 'hutchinson'")
-    inner = flow
-    while hasattr(inner, "preprocess") and hasattr(inner, "flow"):
-        inner = inner.flow
+    from cnf.transforms.flow import inner_flow
+
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    inner = inner_flow(flow)
     if not hasattr(inner, "divergence"):  # not a CNF (a planar flow has no divergence to choose)
         return nll_loss(flow, batch, context=context)
     saved = inner.divergence, inner.noise

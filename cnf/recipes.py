@@ -227,10 +227,9 @@ def exact_evaluation(flow: Any) -> Iterator[None]:
     """Inside the block, a CNF (also inside a :class:`cnf.TransformedFlow`) scores with the exact
     divergence and :data:`EVALUATION_SOLVER`; its own settings come back afterwards."""
     from cnf.flow import CNF
+    from cnf.transforms.flow import inner_flow
 
-    inner = flow
-    while hasattr(inner, "preprocess") and hasattr(inner, "flow"):
-        inner = inner.flow
+    inner = inner_flow(flow)
     if not isinstance(inner, CNF):
         yield
         return

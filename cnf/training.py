@@ -54,6 +54,7 @@ from cnf.distributed import (
     place,
     threads_per_process,
 )
+from cnf.divergence import DIVERGENCES
 from cnf.ema import ExponentialMovingAverage
 from cnf.losses import (
     DEFAULT_SIGMA_MIN,
@@ -79,9 +80,6 @@ from cnf.solver import SolveInterrupted, SolverError, stop_check
 #: Adam's learning rate in the maximum-likelihood phase after flow matching
 #: (``TrainSettings.likelihood_finetune``); see cnf.recipes.TABLE_LIKELIHOOD_FINETUNE.
 DEFAULT_FINETUNE_LR = 3e-4
-#: How the maximum-likelihood phase after flow matching computes the divergence in its training
-#: solves (``TrainSettings.finetune_divergence``; validation and scoring keep the flow's own).
-FINETUNE_DIVERGENCES = ("hutchinson", "exact")
 #: The checkpoint's ``phase`` entry in the maximum-likelihood phase after flow matching.
 FINETUNE_PHASE = "likelihood_finetune"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -198,9 +196,9 @@ class TrainSettings:
         lr = self.finetune_lr
         if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"finetune_lr must be a positive float, got {lr!r}")
-        if self.finetune_divergence not in FINETUNE_DIVERGENCES:
+        if self.finetune_divergence not in DIVERGENCES:
             raise ValueError(
-                f"unknown finetune_divergence {self.finetune_divergence!r}; choose one of {FINETUNE_DIVERGENCES}"
+                f"unknown finetune_divergence {self.finetune_divergence!r}; choose one of {DIVERGENCES}"
             )
 
     def describe(self) -> str:

@@ -50,6 +50,13 @@ def leading_dequantize(preprocess: Transform | None) -> Dequantize | None:
     return first if isinstance(first, Dequantize) else None
 
 
+def inner_flow(flow: nn.Module) -> nn.Module:
+    """The flow inside any :class:`TransformedFlow` wrappers (``flow`` itself when there are none)."""
+    while isinstance(flow, TransformedFlow):
+        flow = flow.flow
+    return flow
+
+
 class TransformedFlow(nn.Module):
     """``flow`` on preprocessed data, with the surface of :class:`cnf.CNF` in the data's units.
 
