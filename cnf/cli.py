@@ -318,9 +318,29 @@ def _resume_path(resume: str) -> Path:
     return path / CHECKPOINT_NAME if path.is_dir() else path
 
 
+#: Flags that shape a CNF's velocity field or its ODE solves: a planar flow has neither.
+CNF_ONLY_FLAGS = ("hidden", "activation", "time_embedding", "divergence", "noise", "method", "rtol", "atol", "adjoint")
+
+
+def check_model_flags(args: argparse.Namespace) -> None:
+    """Refuse model flags that the chosen ``--model`` (cnf or planar) would silently ignore."""
+    model = args.model or MODEL_DEFAULTS["model"]
+    if model == "planar":
+        given = explicit(args, CNF_ONLY_FLAGS)
+        if given:
+            flags = ", ".join(f"{_flag(name)} {_words(v) if isinstance(v, list) else v}" for name, v in given.items())
+            raise ValueError(
+                f"--model planar has no velocity field and no ODE solve, so {flags} would be ignored; "
+                "drop them, or use --model cnf"
+            )
+    elif model == "cnf" and args.layers is not None:
+        raise ValueError(f"--layers {args.layers} sets the depth of --model planar; --model cnf takes --hidden")
+
+
 def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
     """Settings of a new run: recipe for the objective, then the flags given. The last item holds
     the splits' contexts (``--context-columns``; Nones without)."""
+    check_model_flags(args)
     run = {**RUN_DEFAULTS, **explicit(args, list(RUN_DEFAULTS))}
     splits = load_splits(run["data"], run["n_train"], run["seed"])
     splits, contexts = context_split(splits, args.context_columns, run["data"])

@@ -15,31 +15,9 @@ from cnf.cli import main
 @pytest.mark.parametrize("model", ["cnf", "planar"])
 def test_train_then_evaluate_end_to_end(model: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / model
-    code = main(
-        [
-            "train",
-            "--data",
-            "moons",
-            "--model",
-            model,
-            "--iters",
-            "3",
-            "--time-limit",
-            "60",
-            "--out",
-            str(out),
-            "--n-train",
-            "500",
-            "--hidden",
-            "8",
-            "--layers",
-            "4",
-            "--rtol",
-            "1e-3",
-            "--atol",
-            "1e-3",
-        ]
-    )
+    shape = ["--layers", "4"] if model == "planar" else ["--hidden", "8", "--rtol", "1e-3", "--atol", "1e-3"]
+    common = ["train", "--data", "moons", "--model", model, "--iters", "3", "--time-limit", "60", "--n-train", "500"]
+    code = main([*common, *shape, "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "test log-likelihood" in printed
@@ -137,6 +115,22 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         with pytest.raises(SystemExit):
             main(["train", flag, value])
         assert f"argument {flag}: {message}, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "planar", "--hidden", "8", "8"], "--model planar has no velocity field and no ODE solve, so --hidden 8 8 would be ignored"),
+        (["--model", "planar", "--rtol", "1e-3", "--activation", "silu"], "so --activation silu, --rtol 0.001 would be ignored"),
+        (["--layers", "4"], "--layers 4 sets the depth of --model planar; --model cnf takes --hidden"),
+    ],
+)
+def test_model_flags_the_model_would_ignore_are_refused(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["train", "--data", "moons", "--iters", "1", *flags, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
