@@ -3,11 +3,14 @@
     cnf train --data galaxies --time-limit 600 --threads 1 --likelihood-finetune 0 --out runs/g600
     python -m benchmarks.likelihood_finetune --checkpoint runs/g600/best.pt --data galaxies \\
         --seconds 60 --lrs 3e-4 1e-3 --divergences hutchinson exact
+    python -m benchmarks.likelihood_finetune --checkpoint runs/g600/best.pt --data galaxies \
+        --divergences hutchinson --solvers dopri5:1e-3 dopri5:1e-4 rk4:0.25 rk4:0.125
     python -m benchmarks.likelihood_finetune --quick          # a smoke test (trains its own checkpoint)
 
 Each probe loads the checkpoint afresh, trains it by maximum likelihood (``cnf.train``, objective
 ``likelihood``, Adam with a cosine schedule over ``--seconds``, no EMA) with the chosen divergence
-in its training solves (Hutchinson with Rademacher probes, or the exact trace), and scores the first
+in its training solves (Hutchinson with Rademacher probes, or the exact trace) and training solver
+(``--solvers``: ``dopri5:TOL`` at rtol = atol = TOL, or fixed-step ``rk4:STEP``), and scores the first
 ``--test-n`` test points before and after, with the exact divergence at the evaluation tolerance
 (``cnf.recipes.exact_evaluation``). This is how the recipe's closing likelihood phase
 (``TrainSettings.likelihood_finetune``: its divergence, learning rate and length) was chosen.
@@ -32,7 +35,7 @@ from cnf.cli import main as cnf_main
 from cnf.data.real import REAL_DATASETS, load_real
 from cnf.recipes import exact_evaluation
 
-COLUMNS = ("divergence", "lr", "batch_size", "seconds", "steps", "test_nll_before", "test_nll_after", "gain")
+COLUMNS = ("divergence", "solver", "lr", "batch_size", "seconds", "steps", "test_nll_before", "test_nll_after", "gain")
 
 
 def test_nll(flow: torch.nn.Module, points: torch.Tensor) -> float:
@@ -40,10 +43,32 @@ def test_nll(flow: torch.nn.Module, points: torch.Tensor) -> float:
         return -flow.log_prob(points).mean().item()
 
 
-def probe(checkpoint: Path, data: Any, divergence: str, lr: float, batch_size: int, seconds: float, test_n: int) -> dict[str, Any]:
+def training_solver(spec: str) -> dict[str, Any]:
+    """``dopri5:TOL`` (adaptive, rtol = atol = TOL) or ``rk4:STEP`` (fixed step) as Solver settings."""
+    method, _, value = spec.partition(":")
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if method not in ("dopri5", "rk4") or not number > 0:
+        raise argparse.ArgumentTypeError(f"must be dopri5:TOL or rk4:STEP with a positive number, got {spec!r}")
+    if method == "rk4":
+        return {"method": "rk4", "step_size": number}
+    return {"method": "dopri5", "rtol": number, "atol": number, "step_size": None}
+
+
+def solver_spec(text: str) -> str:
+    training_solver(text)  # checks it
+    return text
+
+
+def probe(
+    checkpoint: Path, data: Any, divergence: str, solver: str, lr: float, batch_size: int, seconds: float, test_n: int
+) -> dict[str, Any]:
     flow, _ = load_checkpoint(checkpoint)
     inner = getattr(flow, "flow", flow)
     inner.divergence, inner.noise = divergence, "rademacher"
+    inner.solver = inner.solver.with_(**training_solver(solver))
     before = test_nll(flow, data.test[:test_n])
     start = time.perf_counter()
     result = cnf.train(
@@ -53,7 +78,7 @@ def probe(checkpoint: Path, data: Any, divergence: str, lr: float, batch_size: i
     trained = time.perf_counter() - start
     after = test_nll(flow, data.test[:test_n])
     return {
-        "divergence": divergence, "lr": lr, "batch_size": batch_size, "seconds": round(trained, 1),
+        "divergence": divergence, "solver": solver, "lr": lr, "batch_size": batch_size, "seconds": round(trained, 1),
         "steps": result.step, "test_nll_before": before, "test_nll_after": after, "gain": before - after,
     }  # fmt: skip
 
@@ -66,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--divergences", nargs="+", default=["hutchinson", "exact"], choices=("hutchinson", "exact"))
+    parser.add_argument(
+        "--solvers", nargs="+", default=["dopri5:1e-3"], type=solver_spec,
+        help="training solvers: dopri5:TOL (rtol = atol = TOL; the recipe's is dopri5:1e-3) or rk4:STEP",
+    )  # fmt: skip
     parser.add_argument("--test-n", type=int, default=3000, help="test points scored before and after")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--name", default="likelihood_finetune", help="results file name")
@@ -76,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     scratch = tempfile.TemporaryDirectory()
     if args.quick:
         args.data, args.seconds, args.test_n, args.lrs, args.batch_sizes = "wine", 0.5, 10, [1e-3], [32]
+        args.solvers = ["dopri5:1e-3", "rk4:0.5"]
         argv_train = ["train", "--data", "wine", "--hidden", "8", "--iters", "20", "--out", scratch.name]
         if cnf_main(argv_train) != 0:
             raise RuntimeError("the quick checkpoint could not be trained")
@@ -84,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--checkpoint is required (a flow-matching run's checkpoint.pt or best.pt)")
     data = load_real(args.data)
     rows = []
-    for divergence, lr, batch_size in itertools.product(args.divergences, args.lrs, args.batch_sizes):
-        rows.append(probe(args.checkpoint, data, divergence, lr, batch_size, args.seconds, args.test_n))
+    grid = itertools.product(args.divergences, args.solvers, args.lrs, args.batch_sizes)
+    for divergence, solver, lr, batch_size in grid:
+        rows.append(probe(args.checkpoint, data, divergence, solver, lr, batch_size, args.seconds, args.test_n))
         print(rows[-1])
     meta = {"checkpoint": str(args.checkpoint), "data": args.data, "test_n": args.test_n, "threads": args.threads}
     write_results(args.name, rows, COLUMNS, meta, Path(args.out) if args.out else RESULTS)

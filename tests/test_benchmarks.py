@@ -6,8 +6,10 @@ discrete-versus-continuous benchmarks also run with all of them made unimportabl
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -106,8 +108,8 @@ def test_quick_mode_writes_results(name: str, tmp_path: Path) -> None:
         assert models["cnf-default"]["best_step"] >= 1 and models["cnf-ml"]["score_nfe"] > 0
         assert (tmp_path / "real_data.png").stat().st_size > 0
     if name == "likelihood_finetune":
-        rows = {r["divergence"]: r for r in payload["rows"]}
-        assert set(rows) == {"hutchinson", "exact"}
+        rows = {(r["divergence"], r["solver"]): r for r in payload["rows"]}
+        assert set(rows) == {(d, s) for d in ("hutchinson", "exact") for s in ("dopri5:1e-3", "rk4:0.5")}
         assert all(r["steps"] >= 1 and math.isfinite(r["test_nll_after"]) for r in rows.values())
     if name == "work_precision":
         assert (tmp_path / "work_precision.png").stat().st_size > 0
@@ -174,3 +176,11 @@ def test_real_data_default_ends_with_the_likelihood_phase_where_the_recipe_says(
     assert models["cnf-default"]["likelihood_steps"] >= 1
     assert models["cnf-default-fm-only"]["likelihood_steps"] is None
     assert models["cnf-default"]["steps"] > models["cnf-default"]["likelihood_steps"]
+
+
+def test_likelihood_finetune_solver_specs() -> None:
+    assert likelihood_finetune.training_solver("rk4:0.25") == {"method": "rk4", "step_size": 0.25}
+    assert likelihood_finetune.training_solver("dopri5:1e-4") == {"method": "dopri5", "rtol": 1e-4, "atol": 1e-4, "step_size": None}
+    for bad in ("rk4", "euler:0.1", "dopri5:-1", "dopri5:tight"):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(repr(bad))):
+            likelihood_finetune.training_solver(bad)
