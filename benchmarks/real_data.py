@@ -123,6 +123,9 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "cnf-default-fm-only": {"likelihood_finetune": 0.0},
     # training times t ~ Beta(1, 1/3) instead of Beta(1, 1/2): measured on galaxies at 10 minutes, not adopted
     "cnf-default-t3": {"time_exponent": 3.0},
+    # wider fields (NSF on galaxies has 546k parameters, the default field 206k)
+    "cnf-default-384x4": {"hidden": (384, 384, 384, 384)},
+    "cnf-default-512x4": {"hidden": (512, 512, 512, 512)},
 }
 BASELINES = ("gaussian", "gmm", "kde")
 #: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
