@@ -322,13 +322,20 @@ def _resume_path(resume: str) -> Path:
 CNF_ONLY_FLAGS = ("hidden", "activation", "time_embedding", "divergence", "noise", "method", "rtol", "atol", "adjoint")
 
 
+def _given_flag(name: str, value: Any) -> str:
+    """A flag as the user typed it: ``--hidden 8 8``, ``--rtol 0.001``, ``--no-adjoint``."""
+    if isinstance(value, bool):
+        return _flag(name) if value else "--no-" + name.replace("_", "-")
+    return f"{_flag(name)} {_words(value) if isinstance(value, list) else value}"
+
+
 def check_model_flags(args: argparse.Namespace) -> None:
     """Refuse model flags that the chosen ``--model`` (cnf or planar) would silently ignore."""
     model = args.model or MODEL_DEFAULTS["model"]
     if model == "planar":
         given = explicit(args, CNF_ONLY_FLAGS)
         if given:
-            flags = ", ".join(f"{_flag(name)} {_words(v) if isinstance(v, list) else v}" for name, v in given.items())
+            flags = ", ".join(_given_flag(name, value) for name, value in given.items())
             raise ValueError(
                 f"--model planar has no velocity field and no ODE solve, so {flags} would be ignored; "
                 "drop them, or use --model cnf"

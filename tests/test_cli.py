@@ -122,6 +122,7 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     [
         (["--model", "planar", "--hidden", "8", "8"], "--model planar has no velocity field and no ODE solve, so --hidden 8 8 would be ignored"),
         (["--model", "planar", "--rtol", "1e-3", "--activation", "silu"], "so --activation silu, --rtol 0.001 would be ignored"),
+        (["--model", "planar", "--no-adjoint"], "so --no-adjoint would be ignored"),
         (["--layers", "4"], "--layers 4 sets the depth of --model planar; --model cnf takes --hidden"),
     ],
 )
