@@ -3,7 +3,7 @@
     cnf train --data galaxies --time-limit 600 --threads 1 --likelihood-finetune 0 --out runs/g600
     python -m benchmarks.likelihood_finetune --checkpoint runs/g600/best.pt --data galaxies \\
         --seconds 60 --lrs 3e-4 1e-3 --divergences hutchinson exact
-    python -m benchmarks.likelihood_finetune --checkpoint runs/g600/best.pt --data galaxies \
+    python -m benchmarks.likelihood_finetune --checkpoint runs/g600/best.pt --data galaxies \\
         --divergences hutchinson --solvers dopri5:1e-3 dopri5:1e-4 rk4:0.25 rk4:0.125
     python -m benchmarks.likelihood_finetune --quick          # a smoke test (trains its own checkpoint)
 
@@ -34,6 +34,7 @@ from cnf.checkpoint import load_checkpoint
 from cnf.cli import main as cnf_main
 from cnf.data.real import REAL_DATASETS, load_real
 from cnf.recipes import exact_evaluation
+from cnf.transforms.flow import inner_flow
 
 COLUMNS = ("divergence", "solver", "lr", "batch_size", "seconds", "steps", "test_nll_before", "test_nll_after", "gain")
 
@@ -66,7 +67,7 @@ def probe(
     checkpoint: Path, data: Any, divergence: str, solver: str, lr: float, batch_size: int, seconds: float, test_n: int
 ) -> dict[str, Any]:
     flow, _ = load_checkpoint(checkpoint)
-    inner = getattr(flow, "flow", flow)
+    inner = inner_flow(flow)
     inner.divergence, inner.noise = divergence, "rademacher"
     inner.solver = inner.solver.with_(**training_solver(solver))
     before = test_nll(flow, data.test[:test_n])
