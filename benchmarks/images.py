@@ -43,6 +43,7 @@ from cnf.images import IMAGE_RECIPE, evaluate_bits_per_dim, image_flow, set_solv
 from cnf.solver import Solver, SolveStats
 from cnf.training import TrainSettings, train
 from cnf.transforms import Compose, Dequantize, Logit, TransformedFlow
+from cnf.transforms.flow import inner_flow
 
 CNF_METHODS = {
     "cnf-ml-multiscale": ("multiscale", "likelihood", {}),
@@ -98,7 +99,7 @@ class LogitGaussian(nn.Module):
 
 def count_parameters(flow: nn.Module) -> int:
     """Trained parameters; for the Gaussian, the free entries of its mean and covariance."""
-    inner = getattr(flow, "flow", flow)
+    inner = inner_flow(flow)
     if isinstance(inner, LogitGaussian):
         d = inner.mean.numel()
         return d + d * (d + 1) // 2

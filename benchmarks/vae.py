@@ -5,7 +5,7 @@
     python -m benchmarks.vae --quick                                # seconds; what the tests run
 
 Every posterior (diagonal Gaussian; amortised planar K=16; IAF from zuko, 4 MADE transforms;
-amortised CNF, the conditional MLPField 64x64 softplus, dopri5) gets the same encoder and decoder
+amortised CNF, the conditional MLPField 64x64 tanh, dopri5) gets the same encoder and decoder
 (ELU MLPs, identical initial weights: the same seed builds them before the posterior), the same
 data, the same training budget (``--budget`` wall-clock seconds, or ``--iters`` steps capped by
 ``--budget``; Adam, cosine decay over the budget, KL warm-up over ``--kl-warmup`` steps, early

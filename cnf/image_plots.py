@@ -22,6 +22,7 @@ from torch import nn
 
 from cnf.images import dequantization_levels, image_trajectory, latent_interpolation
 from cnf.plots import _save
+from cnf.transforms.flow import inner_flow
 
 PATH_TIMES = (0.0, 0.25, 0.5, 0.75, 1.0)
 DPI = 120
@@ -101,7 +102,7 @@ def plot_image_path(
     """The probability path as images: one row per base draw, one column per time, the same
     draws carried along the flow from the base (t = 0) to the data (t = 1)."""
     levels = _levels(flow, levels)
-    inner = getattr(flow, "flow", flow)
+    inner = inner_flow(flow)
     base = inner.base
     z = base.sample((n,), generator=generator)
     frames = image_trajectory(flow, z, times)  # (T, n, C, H, W)

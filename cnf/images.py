@@ -41,6 +41,7 @@ from cnf.multiscale import MultiScaleCNF
 from cnf.recipes import recipe
 from cnf.solver import Solver
 from cnf.transforms import Compose, Dequantize, Logit, TransformedFlow
+from cnf.transforms.flow import inner_flow
 
 IMAGE_MODELS = ("multiscale", "cnf", "unet")
 
@@ -146,7 +147,7 @@ def image_model(flow: nn.Module) -> str:
 
 def set_solver(flow: nn.Module, solver: Solver) -> None:
     """Give a (possibly wrapped) CNF or multi-scale CNF new solver settings."""
-    inner = getattr(flow, "flow", flow)
+    inner = inner_flow(flow)
     if not hasattr(inner, "solver"):
         raise TypeError(f"{type(inner).__name__} has no solver settings")
     inner.solver = solver

@@ -31,6 +31,7 @@ from torch import nn
 from cnf.distributed import Cluster, flow_device, gather_rows, threads_per_process
 from cnf.flow import StandardNormal
 from cnf.losses import assignment, context_groups, matching_draws, squared_distances
+from cnf.transforms.flow import inner_flow
 
 ROW_STREAM, LOSS_STREAM = 0, 1
 
@@ -61,7 +62,7 @@ def describe_solvers(threads: int | str | None, world_size: int = 1) -> str:
 def can_pair_ahead(flow: nn.Module) -> bool:
     """Whether a step's base draws can be made ahead: the base must take a generator (the
     standard normal does; an arbitrary torch Distribution draws from the global stream)."""
-    inner = getattr(flow, "flow", flow)  # a cnf.transforms.TransformedFlow holds the CNF
+    inner = inner_flow(flow)
     return isinstance(getattr(inner, "base", None), StandardNormal)
 
 
