@@ -329,19 +329,21 @@ def _given_flag(name: str, value: Any) -> str:
     return f"{_flag(name)} {_words(value) if isinstance(value, list) else value}"
 
 
-def check_model_flags(args: argparse.Namespace) -> None:
-    """Refuse model flags that the chosen ``--model`` (cnf or planar) would silently ignore."""
-    model = args.model or MODEL_DEFAULTS["model"]
+def check_model_flags(args: argparse.Namespace, resumed: Path | None = None, model: str | None = None) -> None:
+    """Refuse model flags that the run's model (cnf or planar) would silently ignore: the chosen
+    ``--model`` of a new run, or ``model``, the kind saved in the checkpoint ``resumed``."""
+    model = model or args.model or MODEL_DEFAULTS["model"]
+    subject = f"--model {model}" if resumed is None else f"the run in {str(resumed)!r} (a {model} flow)"
+    way_out = "use --model cnf" if resumed is None else "start a new run (another --out) instead"
     if model == "planar":
         given = explicit(args, CNF_ONLY_FLAGS)
         if given:
             flags = ", ".join(_given_flag(name, value) for name, value in given.items())
             raise ValueError(
-                f"--model planar has no velocity field and no ODE solve, so {flags} would be ignored; "
-                "drop them, or use --model cnf"
+                f"{subject} has no velocity field and no ODE solve, so {flags} would be ignored; drop them, or {way_out}"
             )
     elif model == "cnf" and args.layers is not None:
-        raise ValueError(f"--layers {args.layers} sets the depth of --model planar; --model cnf takes --hidden")
+        raise ValueError(f"--layers {args.layers} sets the depth of a planar flow; {subject} takes --hidden")
 
 
 def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
@@ -396,6 +398,8 @@ def _resumed_run(
     config = outer
     while config.get("kind") == "transformed" and isinstance(config.get("flow"), dict):
         config = config["flow"]  # the flow inside its preprocessing
+    if config.get("kind") in ("cnf", "planar"):
+        check_model_flags(args, checkpoint, config["kind"])
     changes = []
     saved_model = {"model": config.get("kind")}
     if config.get("kind") == "cnf":

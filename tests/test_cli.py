@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cnf.cli import main
+from cnf.transforms.flow import inner_flow
 
 
 @pytest.mark.parametrize("model", ["cnf", "planar"])
@@ -123,7 +124,7 @@ def test_cli_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         (["--model", "planar", "--hidden", "8", "8"], "--model planar has no velocity field and no ODE solve, so --hidden 8 8 would be ignored"),
         (["--model", "planar", "--rtol", "1e-3", "--activation", "silu"], "so --activation silu, --rtol 0.001 would be ignored"),
         (["--model", "planar", "--no-adjoint"], "so --no-adjoint would be ignored"),
-        (["--layers", "4"], "--layers 4 sets the depth of --model planar; --model cnf takes --hidden"),
+        (["--layers", "4"], "--layers 4 sets the depth of a planar flow; --model cnf takes --hidden"),
     ],
 )
 def test_model_flags_the_model_would_ignore_are_refused(
@@ -132,6 +133,22 @@ def test_model_flags_the_model_would_ignore_are_refused(
     assert main(["train", "--data", "moons", "--iters", "1", *flags, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_runs_refuse_flags_their_saved_model_would_ignore(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """On resume the model is the checkpoint's: a planar run refuses --hidden and --rtol, a CNF run
+    refuses --layers, and a planar run still takes --layers (--model is unset on resume)."""
+    planar, field = tmp_path / "planar", tmp_path / "cnf"
+    assert main(["train", "--data", "moons", "--model", "planar", "--layers", "2", "--iters", "2", "--out", str(planar)]) == 0
+    assert main(["train", "--data", "moons", "--hidden", "8", "8", "--iters", "2", "--out", str(field)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(planar), "--iters", "3", "--hidden", "8", "--rtol", "1e-3"]) == 2
+    assert f"the run in {str(planar / 'checkpoint.pt')!r} (a planar flow) has no velocity field and no ODE solve, so --hidden 8, --rtol 0.001 would be ignored" in capsys.readouterr().err
+    assert main(["train", "--resume", str(field), "--iters", "3", "--layers", "4"]) == 2
+    assert f"--layers 4 sets the depth of a planar flow; the run in {str(field / 'checkpoint.pt')!r} (a cnf flow) takes --hidden" in capsys.readouterr().err
+    assert main(["train", "--resume", str(planar), "--iters", "3", "--layers", "2"]) == 0
 
 
 def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -167,7 +184,7 @@ def test_train_says_its_model_and_help_names_the_recipes_defaults(
     assert "model: CNF, MLPField 8-8 silu, time concatsquash_log; solves with dopri5 (rtol 0.001, atol 0.001) and the exact divergence" in printed
     assert "test log p with the exact divergence, dopri5 (rtol 1e-05, atol 1e-05)" in printed
     flow, _ = cnf.load_checkpoint(tmp_path / "r" / "checkpoint.pt")
-    field = getattr(flow, "flow", flow).field
+    field = inner_flow(flow).field
     assert isinstance(field.activations[0], torch.nn.SiLU) and field.time_embedding == "concatsquash_log"
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "r"), "--time-embedding", "concat", "--iters", "3"]) == 2
