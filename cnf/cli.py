@@ -110,6 +110,7 @@ TRAIN_FLAGS = (
     "finetune_divergence",
     "ema_decay",
     "seed",
+    "patience",
 )
 DEFAULT_TIME_LIMIT = 90.0
 
@@ -261,11 +262,12 @@ def timed_nll(
 def table_preprocessing(args: argparse.Namespace, source: str, train_set: torch.Tensor) -> Transform | None:
     """The preprocessing the data need (or that the flags ask for), saying which."""
     levels = args.levels if args.levels is not None else LEVELS.get(source)
+    steps = args.preprocess or "auto"
     preprocess, notes = choose_preprocessing(
-        train_set, args.preprocess, levels=levels, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha
+        train_set, steps, levels=levels, alpha=DEFAULT_ALPHA if args.alpha is None else args.alpha
     )
     for note in notes:
-        print(f"preprocessing ({args.preprocess}): {note}")
+        print(f"preprocessing ({steps}): {note}")
     return preprocess
 
 
@@ -320,6 +322,14 @@ def _resume_path(resume: str) -> Path:
 
 #: Flags that shape a CNF's velocity field or its ODE solves: a planar flow has neither.
 CNF_ONLY_FLAGS = ("hidden", "activation", "time_embedding", "divergence", "noise", "method", "rtol", "atol", "adjoint")
+#: Flags of ``--model vae`` only (the VAE group of ``cnf train --help``).
+VAE_ONLY_FLAGS = ("posterior", "latent_dim", "flow_hidden", "flow_context", "kl_warmup", "iwae_samples")
+#: Flags of flows that a VAE would ignore: it trains by the ELBO on binarised images, and its CNF
+#: posterior's log-density is exact (no Hutchinson probe).
+FLOW_ONLY_FLAGS = (
+    "divergence", "noise", "sigma_min", "time_exponent", "likelihood_finetune", "finetune_lr",
+    "finetune_divergence", "kinetic_weight", "jacobian_weight", "preprocess", "levels", "alpha", "context_columns",
+)  # fmt: skip
 
 
 def _given_flag(name: str, value: Any) -> str:
@@ -344,6 +354,34 @@ def check_model_flags(args: argparse.Namespace, resumed: Path | None = None, mod
             )
     elif model == "cnf" and args.layers is not None:
         raise ValueError(f"--layers {args.layers} sets the depth of a planar flow; {subject} takes --hidden")
+
+
+def check_vae_flags(args: argparse.Namespace, vae: bool) -> None:
+    """Refuse the VAE's flags on a flow's run and the flows' flags on a VAE's run (each would be
+    ignored), naming them as typed."""
+    names, reason = (
+        (FLOW_ONLY_FLAGS, "--model vae trains by the ELBO on binarised images with an exactly scored posterior, so {} would be ignored; drop them")
+        if vae
+        else (VAE_ONLY_FLAGS, "{} apply to --model vae only; drop them, or pass --model vae")
+    )  # fmt: skip
+    given = explicit(args, names)
+    if given:
+        raise ValueError(reason.format(", ".join(_given_flag(name, value) for name, value in given.items())))
+
+
+def check_posterior_flags(args: argparse.Namespace, posterior: str) -> None:
+    """Refuse flags that the VAE's posterior family would ignore: the solver's and the field's
+    are the CNF posterior's, ``--layers`` counts planar layers or IAF transforms."""
+    own = {
+        "flow_context": ("cnf",), "activation": ("cnf",), "method": ("cnf",), "rtol": ("cnf",), "atol": ("cnf",),
+        "adjoint": ("cnf",), "layers": ("planar", "iaf"),
+    }  # fmt: skip
+    for name, value in explicit(args, list(own)).items():
+        if posterior not in own[name]:
+            families = " or ".join(own[name])
+            raise ValueError(
+                f"{_given_flag(name, value)} applies to --posterior {families}, got --posterior {posterior}"
+            )
 
 
 def _new_run(args: argparse.Namespace) -> tuple[dict[str, Any], torch.nn.Module, TrainSettings, list, list]:
@@ -525,6 +563,7 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
         if cli_images.is_image_source(saved_data):  # an image run continues on its own images
             args.data = saved_data
     vae = args.model == "vae" or (saved is not None and (saved.get("config") or {}).get("kind") == "vae")
+    check_vae_flags(args, vae)
     if args.time_embedding is not None and (vae or cli_images.is_image_source(args.data)):
         raise ValueError(
             f"--time-embedding {args.time_embedding} sets the MLP field of vectors; image fields and VAE "
@@ -670,32 +709,25 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     from cnf.vae import VAE
     from cnf.vae.evaluate import evaluate_vae
 
-    given = explicit(args, [*TRAIN_FLAGS, "kl_warmup", "patience"])
+    given = explicit(args, [*TRAIN_FLAGS, "kl_warmup"])
     if given.get("objective", "elbo") != "elbo":
         raise ValueError(f"--model vae trains by the elbo objective, got --objective {given['objective']!r}")
     if resume is not None:
         payload = read_checkpoint(resume)
-        run = {**(payload.get("run") or {}), **explicit(args, ["data", "seed"])}
+        run = {**(payload.get("run") or {}), **explicit(args, ["data", "seed", "n_train"])}
         vae = build_flow(payload["config"])
         settings = TrainSettings(**{**asdict(TrainSettings.from_dict(payload["settings"])), **given})
         out = Path(args.out) if args.out is not None else resume.parent
     else:
-        run = {"data": args.data, "seed": 0 if args.seed is None else args.seed}
+        run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in VAE_DEFAULTS.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
-        if args.flow_context is not None and run["posterior"] != "cnf":
-            raise ValueError(
-                f"--flow-context {args.flow_context} conditions a CNF posterior, got --posterior {run['posterior']}"
-            )
-        if args.activation is not None and run["posterior"] != "cnf":
-            raise ValueError(
-                f"--activation {args.activation} is the CNF posterior's field activation, got --posterior {run['posterior']}"
-            )
+        check_posterior_flags(args, run["posterior"])
     if run.get("data") not in BINARIZED_DATASETS:
         raise ValueError(
             f"--model vae trains on binarised images: --data must be one of {BINARIZED_DATASETS}, got {run.get('data')!r}"
         )
-    data = load_binarized(run["data"], seed=run["seed"])
+    data = load_binarized(run["data"], seed=run["seed"], n_train=run.get("n_train"))
     if resume is None:
         torch.manual_seed(run["seed"])
         solver = Solver(method=args.method or "dopri5", rtol=args.rtol or 1e-5, atol=args.atol or 1e-5,
@@ -707,10 +739,9 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
-    patience = f", early stopping after {settings.patience} validations without gain" if settings.patience else ""
     print(
         f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "
-        f"{'-'.join(map(str, vae.hidden))}) on {run['data']}: {settings.describe()}{warmup}{patience}"
+        f"{'-'.join(map(str, vae.hidden))}) on {run['data']}: {settings.describe()}{warmup}"
     )
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,
                    overwrite=args.overwrite or resume is not None, run_info=run)  # fmt: skip
@@ -718,7 +749,7 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     evaluate = f"cnf evaluate --checkpoint {result.checkpoint} --data {run['data']}"
     test = cli_images.first_test_images(data.test, args.test_n, f"{evaluate} --n {data.test.shape[0]}")
     limit = cli_images.scoring_time_limit(args.test_n, result.seconds)
-    metrics = evaluate_vae(vae, test, k=args.iwae_samples, seed=run["seed"], time_limit=limit)
+    metrics = evaluate_vae(vae, test, k=args.iwae_samples or 1000, seed=run["seed"], time_limit=limit)
     cli_images.say_if_scored_fewer(metrics["n"], test.shape[0], metrics["seconds"], evaluate)
     summary = {"data": run["data"], "model": "vae", "posterior": vae.posterior.family, "latent_dim": vae.latent_dim,
                "steps": result.step, "train_seconds": round(result.seconds, 2), "stopped_by": result.stopped_by,
@@ -1129,6 +1160,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--n-train", type=positive_int, default=None, help="training points drawn of a named dataset")
     p.add_argument("--val-every", type=positive_int, default=None)
+    p.add_argument(
+        "--patience", type=positive_int, default=None,
+        help="stop after N validations without a better validation score, keeping the best weights "
+        "(default: none; 10 for --model vae)",
+    )  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=None)
     p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
     p.add_argument(
@@ -1214,8 +1250,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument(
         "--preprocess",
-        default="auto",
-        help="auto (detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
+        default=None,
+        help="auto (the default; detect: integer data -> dequantize, [0, 1] -> logit, off-scale -> standardize), "
         f"none, or a comma-separated subset of {','.join(STEPS)} (new runs only)",
     )
     p.add_argument("--levels", type=positive_int, default=None, help="integer levels of discrete data (dequantize)")
@@ -1243,8 +1279,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how h(x) conditions the CNF posterior's field: concat (a bias, default) or film (scale and shift)",
     )  # fmt: skip
     vae.add_argument("--kl-warmup", type=non_negative_int, default=None, help="steps of linear KL warm-up (500)")
-    vae.add_argument("--patience", type=positive_int, default=None, help="validations without gain before stopping (10)")
-    vae.add_argument("--iwae-samples", type=positive_int, default=1000, help="k of the test importance-weighted bound")
+    vae.add_argument("--iwae-samples", type=positive_int, default=None, help="k of the test importance-weighted bound (1000)")
     add_device_option(p)
     p.add_argument(
         "--nproc",

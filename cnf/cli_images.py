@@ -140,7 +140,7 @@ def cmd_train_images(args: argparse.Namespace) -> int:
     # (a digits training step took 2.3 s on one thread and ~50 s on two while 5 jobs ran).
     torch.set_num_threads(1 if threads in (None, "auto") else int(threads))
     torch.manual_seed(args.seed or 0)
-    from cnf.cli import _resume_path, check_out_folder  # cnf.cli imports this module
+    from cnf.cli import TRAIN_FLAGS, _resume_path, check_out_folder, explicit  # cnf.cli imports this module
 
     resume = _resume_path(args.resume) if args.resume is not None else None
     payload = None
@@ -155,20 +155,7 @@ def cmd_train_images(args: argparse.Namespace) -> int:
         objective = args.objective or ("likelihood" if model == "multiscale" else IMAGE_RECIPE.objective)
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         base = IMAGE_RECIPE.train_settings(splits.shape, objective, time_limit)
-    given = {
-        "objective": args.objective,
-        "iters": args.iters,
-        "batch_size": _given(args, "batch_size"),
-        "lr": _given(args, "lr"),
-        "seed": args.seed,
-        "val_every": args.val_every,
-        "kinetic_weight": args.kinetic_weight,
-        "jacobian_weight": args.jacobian_weight,
-        "lr_schedule": args.lr_schedule,
-        "ema_decay": getattr(args, "ema_decay", None),
-        "time_limit": args.time_limit,
-    }
-    settings = TrainSettings(**{**base, **{k: v for k, v in given.items() if v is not None}})
+    settings = TrainSettings(**{**base, **explicit(args, TRAIN_FLAGS)})
     out = Path(args.out) if args.out else resume.parent if resume is not None else Path("runs/default")
     check_out_folder(out, resume, args.overwrite)  # the same protection as the vector runs
     if resume is not None:

@@ -213,6 +213,7 @@ class TrainSettings:
                 if self.likelihood_finetune
                 else ""
             )
+            + (f", early stopping after {self.patience} validations without gain" if self.patience else "")
         )
 
     def progress(self, step: int, elapsed: float) -> float:

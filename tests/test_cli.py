@@ -151,6 +151,41 @@ def test_resumed_runs_refuse_flags_their_saved_model_would_ignore(
     assert main(["train", "--resume", str(planar), "--iters", "3", "--layers", "2"]) == 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--latent-dim", "4", "--kl-warmup", "5"], "--latent-dim 4, --kl-warmup 5 apply to --model vae only"),
+        (["--model", "vae", "--data", "digits", "--divergence", "hutchinson", "--sigma-min", "0.1"],
+         "--model vae trains by the ELBO on binarised images with an exactly scored posterior, so --divergence hutchinson, --sigma-min 0.1 would be ignored"),
+        (["--model", "vae", "--data", "digits", "--posterior", "gaussian", "--layers", "3"],
+         "--layers 3 applies to --posterior planar or iaf, got --posterior gaussian"),
+        (["--model", "vae", "--data", "digits", "--posterior", "planar", "--no-adjoint"],
+         "--no-adjoint applies to --posterior cnf, got --posterior planar"),
+    ],
+)  # fmt: skip
+def test_flags_of_the_other_kind_of_run_are_refused(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """VAE flags on a flow's run, flow flags on a VAE's run and one posterior family's flags on
+    another's used to be dropped silently."""
+    base = ["train", "--data", "moons", "--iters", "1", "--out", str(tmp_path / "run")]
+    assert main([*base, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_patience_stops_a_flow_run_early(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--patience applies to flows too (it was a VAE flag that flows ignored): at a learning rate
+    too small to move float32 weights no validation improves, so the run stops after the first
+    validation and the N without gain."""
+    out = tmp_path / "run"
+    flags = ["--hidden", "8", "--iters", "50", "--val-every", "2", "--lr", "1e-30", "--patience", "3"]
+    assert main(["train", "--data", "moons", *flags, "--out", str(out)]) == 0
+    assert "early stopping after 3 validations without gain" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by"] == "early_stopping" and summary["steps"] == 8
+
+
 def test_planar_on_a_table_trains_by_maximum_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Tables default to OT flow matching, which needs a velocity field: a planar flow takes maximum
     likelihood instead, and an explicit flow-matching objective is refused naming both flags."""

@@ -320,7 +320,7 @@ def test_cli_flow_context_reaches_the_cnf_posterior(tmp_path, capsys) -> None:
     bad = ["train", "--model", "vae", "--posterior", "planar", "--flow-context", "film", "--data", "digits",
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
-    assert "--flow-context film conditions a CNF posterior, got --posterior planar" in capsys.readouterr().err
+    assert "--flow-context film applies to --posterior cnf, got --posterior planar" in capsys.readouterr().err
 
 
 def test_film_cnf_posterior_round_trips_through_its_config() -> None:
@@ -357,7 +357,7 @@ def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_
     bad = ["train", "--model", "vae", "--posterior", "gaussian", "--activation", "elu", "--data", "digits",
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
-    assert "--activation elu is the CNF posterior's field activation, got --posterior gaussian" in capsys.readouterr().err
+    assert "--activation elu applies to --posterior cnf, got --posterior gaussian" in capsys.readouterr().err
     bad[4], bad[6] = "cnf", "sin"  # an unknown activation is refused under the flag's name
     with pytest.raises(SystemExit, match="2"):
         main(bad)
@@ -413,3 +413,25 @@ def test_evaluate_vae_stops_after_its_time_limit(tmp_path, record_time_limits) -
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--test-n", "5", "--out", str(tmp_path / "b")]) == 0
     assert limits[0] >= cli_images.MIN_SCORE_SECONDS and limits[1] is None
+
+
+def test_cli_vae_keeps_n_train_images_and_its_resume_too(tmp_path, monkeypatch) -> None:
+    """--n-train N on a VAE run trains on the first N images (it used to be ignored), and a resumed
+    run loads the same N."""
+    import cnf.data.binarized as binarized
+    from cnf.checkpoint import read_checkpoint
+    from cnf.cli import main
+
+    seen = []
+
+    def spy(name, seed=0, n_train=None):
+        seen.append(n_train)
+        return load_binarized(name, seed=seed, n_train=n_train)
+
+    monkeypatch.setattr(binarized, "load_binarized", spy)
+    out = tmp_path / "vae"
+    assert main(["train", "--model", "vae", "--data", "digits", "--n-train", "100", "--iters", "2",
+                 "--iwae-samples", "2", "--test-n", "4", "--out", str(out)]) == 0  # fmt: skip
+    assert read_checkpoint(out / "checkpoint.pt")["run"]["n_train"] == 100
+    assert main(["train", "--resume", str(out), "--iters", "3", "--iwae-samples", "2", "--test-n", "4"]) == 0
+    assert seen == [100, 100]
