@@ -35,6 +35,7 @@ from cnf.solver import Solver
 from cnf.training import train
 from cnf.vae import POSTERIORS, VAE
 from cnf.vae.evaluate import evaluate_vae, mean_and_two_se
+from cnf.vae.posteriors import CNF_INIT_SCALE
 
 COLUMNS = (
     "data", "posterior", "elbo", "elbo_two_se", "iwae", "iwae_two_se", "iwae_vs_gaussian", "vs_two_se",
@@ -48,7 +49,7 @@ def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
     solver = Solver(rtol=args.tol, atol=args.tol)
     return VAE(dim, args.latent_dim, posterior, hidden=args.hidden, flow_hidden=args.flow_hidden,
                layers=layers, solver=solver, flow_context=args.flow_context,
-               flow_activation=args.flow_activation)  # fmt: skip
+               flow_activation=args.flow_activation, flow_init_scale=args.flow_init_scale)  # fmt: skip
 
 
 def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--iaf-transforms", type=int, default=4)
     parser.add_argument("--flow-context", default="concat", choices=("concat", "film"), help="how h(x) enters the CNF posterior")
     parser.add_argument("--flow-activation", default="tanh", help="the CNF posterior field's activation")
+    parser.add_argument("--flow-init-scale", type=float, default=CNF_INIT_SCALE, help="the CNF posterior field's initial velocity scale")
     parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the CNF posterior's solves")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=100)

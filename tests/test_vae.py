@@ -435,3 +435,20 @@ def test_cli_vae_keeps_n_train_images_and_its_resume_too(tmp_path, monkeypatch) 
     assert read_checkpoint(out / "checkpoint.pt")["run"]["n_train"] == 100
     assert main(["train", "--resume", str(out), "--iters", "3", "--iwae-samples", "2", "--test-n", "4"]) == 0
     assert seen == [100, 100]
+
+
+@pytest.mark.parametrize("context_mode", ["concat", "film"])
+def test_cnf_posterior_init_scale_multiplies_the_initial_velocity(context_mode: str) -> None:
+    """init_scale s starts the CNF posterior's field at s times the default-initialised velocity
+    (same seed, same points, times and contexts), whatever the context mode; it must be positive."""
+    fields = []
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        fields.append(Posterior(4, 6, "cnf", hidden=(8, 8), context_mode=context_mode, init_scale=scale).flow.field)
+    z, t, h = torch.randn(5, 4), torch.rand(5, 1), torch.randn(5, 6)
+    for time in (t, t[:1]):  # one time per row, and one time for the batch (the fused path)
+        base, scaled = (f(time, z, context=h) for f in fields)
+        torch.testing.assert_close(scaled, 3.0 * base)
+        assert not torch.allclose(scaled, base)
+    with pytest.raises(ValueError, match="init_scale must be a positive number, got 0"):
+        Posterior(4, 6, "cnf", init_scale=0)

@@ -27,7 +27,7 @@ from torch import nn
 from cnf.data import check_batch
 from cnf.fields.mlp import ACTIVATIONS, CONTEXT_MODES
 from cnf.solver import Solver, SolveStats
-from cnf.vae.posteriors import POSTERIORS, Posterior, standard_normal_log_prob
+from cnf.vae.posteriors import CNF_INIT_SCALE, POSTERIORS, Posterior, standard_normal_log_prob
 
 
 def _check_positive_int(name: str, value: Any) -> int:
@@ -97,6 +97,8 @@ class VAE(nn.Module):
         flow_context: how h(x) conditions the CNF posterior's field, ``concat`` or ``film``.
         flow_activation: the CNF posterior's field activation (default tanh; checkpoints saved
             before this option rebuild with softplus, the activation they were trained with).
+        flow_init_scale: the CNF posterior field's initial velocity relative to PyTorch's default
+            initialisation (:data:`cnf.vae.posteriors.CNF_INIT_SCALE`; it shapes training only).
         score_samples: k of the importance-weighted bound that ``log_prob`` returns (1: ELBO).
         encoder, decoder: modules replacing the MLPs: encoder(x) -> (mean, log_std, h) with a
             ``context_dim`` attribute; decoder.log_prob(x, z) and decoder.mean(z).
@@ -117,6 +119,7 @@ class VAE(nn.Module):
         solver: Solver | None = None,
         flow_context: str = "concat",
         flow_activation: str = "tanh",
+        flow_init_scale: float = CNF_INIT_SCALE,
         score_samples: int = 1,
         encoder: nn.Module | None = None,
         decoder: nn.Module | None = None,
@@ -154,6 +157,7 @@ class VAE(nn.Module):
                 solver=solver,
                 context_mode=flow_context,
                 activation=flow_activation,
+                init_scale=flow_init_scale,
             )
         else:
             raise ValueError(

@@ -36,7 +36,24 @@ from cnf.planar import ConditionalPlanarFlow
 from cnf.solver import Solver, SolveStats
 
 POSTERIORS = ("gaussian", "planar", "cnf", "iaf")
+#: The CNF posterior's field starts with its output (the velocity) this many times PyTorch's
+#: default initialisation, which leaves a 64-wide field's velocity at about a third of unit scale
+#: and the initial flow close to the identity. Fashion-MNIST, 64-D latent, 3,000 steps (README,
+#: "VAE posteriors"): IWAE over the Gaussian posterior 0.93 nats at 1, 2.13 at 3.
+CNF_INIT_SCALE = 3.0
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def scale_output(field: MLPField, scale: float) -> None:
+    """Multiply the velocity of ``field`` by ``scale`` (its last layer's weights, bias and time
+    shift, and the context's bias of that layer): u -> scale * u, exactly."""
+    last = field.layers[-1]
+    with torch.no_grad():
+        for module in (last.linear, getattr(last, "shift", None)):
+            for parameter in () if module is None else module.parameters():
+                parameter.mul_(scale)
+        if field.context_mode == "concat" and field.context_layers is not None:
+            field.context_layers[-1].weight.mul_(scale)
 
 
 def standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
@@ -97,6 +114,8 @@ class Posterior(nn.Module):
         activation: the CNF field's activation (default tanh, as the real-data recipes; on the
             2-D-latent digits example, mean KL(q || p(z | x)) over four seeds: softplus 0.280,
             tanh 0.089; Fashion-MNIST IWAE over the Gaussian posterior: 1.01 and 1.63 nats).
+        init_scale: the CNF field's initial velocity relative to PyTorch's default initialisation
+            (:data:`CNF_INIT_SCALE`).
         flow: any flow with the contract in the module docstring, instead of a family's.
     """
 
@@ -111,6 +130,7 @@ class Posterior(nn.Module):
         solver: Solver | None = None,
         context_mode: str = "concat",
         activation: str = "tanh",
+        init_scale: float = CNF_INIT_SCALE,
         flow: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -123,6 +143,9 @@ class Posterior(nn.Module):
         self.hidden = tuple(hidden)
         self.context_mode = context_mode
         self.activation = activation
+        if not (isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool) and init_scale > 0):
+            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+        self.init_scale = init_scale
         if flow is None:
             flow = self._build(family, solver)
         self.flow = flow
@@ -135,6 +158,7 @@ class Posterior(nn.Module):
             return ConditionalPlanarFlow(d, self.layers, c, hidden=self.hidden)
         if family == "cnf":
             field = MLPField(d, hidden=self.hidden, activation=self.activation, context_dim=c, context_mode=self.context_mode)
+            scale_output(field, self.init_scale)
             return CNF(field, solver=solver or Solver())
         return ZukoIAF(d, c, transforms=self.layers, hidden=self.hidden)
 
