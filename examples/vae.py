@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/examples/vae", help="output folder")
     parser.add_argument("--iters", type=int, default=2000, help="training steps of each VAE")
-    parser.add_argument("--seconds", type=float, default=120.0, help="training time cap of each VAE")
+    parser.add_argument("--seconds", type=float, default=300.0, help="training time cap of each VAE")
     parser.add_argument("--images", type=int, default=4, help="test images whose posteriors are drawn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
