@@ -332,6 +332,10 @@ FLOW_ONLY_FLAGS = (
 )  # fmt: skip
 
 
+def _them(given: dict[str, Any]) -> str:
+    return "them" if len(given) > 1 else "it"
+
+
 def _given_flag(name: str, value: Any) -> str:
     """A flag as the user typed it: ``--hidden 8 8``, ``--rtol 0.001``, ``--no-adjoint``."""
     if isinstance(value, bool):
@@ -350,7 +354,8 @@ def check_model_flags(args: argparse.Namespace, resumed: Path | None = None, mod
         if given:
             flags = ", ".join(_given_flag(name, value) for name, value in given.items())
             raise ValueError(
-                f"{subject} has no velocity field and no ODE solve, so {flags} would be ignored; drop them, or {way_out}"
+                f"{subject} has no velocity field and no ODE solve, so {flags} would be ignored; "
+                f"drop {_them(given)}, or {way_out}"
             )
     elif model == "cnf" and args.layers is not None:
         raise ValueError(f"--layers {args.layers} sets the depth of a planar flow; {subject} takes --hidden")
@@ -360,13 +365,14 @@ def check_vae_flags(args: argparse.Namespace, vae: bool) -> None:
     """Refuse the VAE's flags on a flow's run and the flows' flags on a VAE's run (each would be
     ignored), naming them as typed."""
     names, reason = (
-        (FLOW_ONLY_FLAGS, "--model vae trains by the ELBO on binarised images with an exactly scored posterior, so {} would be ignored; drop them")
+        (FLOW_ONLY_FLAGS, "--model vae trains by the ELBO on binarised images with an exactly scored posterior, so {flags} would be ignored; drop {them}")
         if vae
-        else (VAE_ONLY_FLAGS, "{} apply to --model vae only; drop them, or pass --model vae")
+        else (VAE_ONLY_FLAGS, "{flags} {verb} to --model vae only; drop {them}, or pass --model vae")
     )  # fmt: skip
     given = explicit(args, names)
     if given:
-        raise ValueError(reason.format(", ".join(_given_flag(name, value) for name, value in given.items())))
+        flags = ", ".join(_given_flag(name, value) for name, value in given.items())
+        raise ValueError(reason.format(flags=flags, them=_them(given), verb="apply" if len(given) > 1 else "applies"))
 
 
 def check_posterior_flags(args: argparse.Namespace, posterior: str) -> None:

@@ -155,6 +155,7 @@ def test_resumed_runs_refuse_flags_their_saved_model_would_ignore(
     ("flags", "message"),
     [
         (["--latent-dim", "4", "--kl-warmup", "5"], "--latent-dim 4, --kl-warmup 5 apply to --model vae only"),
+        (["--iwae-samples", "5"], "--iwae-samples 5 applies to --model vae only; drop it, or pass --model vae"),
         (["--model", "vae", "--data", "digits", "--divergence", "hutchinson", "--sigma-min", "0.1"],
          "--model vae trains by the ELBO on binarised images with an exactly scored posterior, so --divergence hutchinson, --sigma-min 0.1 would be ignored"),
         (["--model", "vae", "--data", "digits", "--posterior", "gaussian", "--layers", "3"],
