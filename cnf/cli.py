@@ -45,6 +45,7 @@ from cnf.recipes import (
     SMALL_TABLE_ROWS,
     TABLE_LIKELIHOOD_FINETUNE,
     TOY_DIM,
+    VAE_DATA_RECIPES,
     default_objective,
     exact_evaluation,
     model_recipe,
@@ -726,7 +727,9 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         out = Path(args.out) if args.out is not None else resume.parent
     else:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
-        run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in VAE_DEFAULTS.items()})
+        data_recipe = VAE_DATA_RECIPES.get(args.data, {})  # the benchmark's settings for this data set
+        defaults = {**VAE_DEFAULTS, **{k: v for k, v in data_recipe.items() if k in VAE_DEFAULTS}}
+        run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
         check_posterior_flags(args, run["posterior"])
     if run.get("data") not in BINARIZED_DATASETS:
@@ -736,14 +739,16 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     data = load_binarized(run["data"], seed=run["seed"], n_train=run.get("n_train"))
     if resume is None:
         torch.manual_seed(run["seed"])
-        solver = Solver(method=args.method or "dopri5", rtol=args.rtol or 1e-5, atol=args.atol or 1e-5,
+        tol = data_recipe.get("posterior_tol", 1e-5)
+        solver = Solver(method=args.method or "dopri5", rtol=args.rtol or tol, atol=args.atol or tol,
                         adjoint=bool(args.adjoint))  # fmt: skip
         layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
         vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
                   flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
                   flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-        settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **given})
+        training = {k: v for k, v in data_recipe.items() if k in ("kl_warmup", "val_every", "patience")}
+        settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **training, **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
     print(
         f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "
@@ -1169,7 +1174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--patience", type=positive_int, default=None,
         help="stop after N validations without a better validation score, keeping the best weights "
-        "(default: none; 10 for --model vae)",
+        "(default: none; 5 for --model vae)",
     )  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=None)
     p.add_argument("--threads", type=parse_threads, default=None, help="torch threads or 'auto' (default)")
@@ -1179,7 +1184,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular')['hidden'])} on tables and files with d > {TOY_DIM}, "
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones, "
         f"{_words(SMALL_TABLE_FIELD['hidden'])} on tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
-        f"the recipe's channels; --model vae: encoder and decoder, {_words(VAE_DEFAULTS['hidden'])})",
+        f"the recipe's channels; --model vae: encoder and decoder, "
+        f"{_words(VAE_DATA_RECIPES['digits']['hidden'])} on digits, {_words(VAE_DATA_RECIPES['fashion-mnist']['hidden'])} on fashion-mnist)",
     )  # fmt: skip
     p.add_argument(
         "--activation", default=None, choices=tuple(ACTIVATIONS),
@@ -1278,13 +1284,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     vae = p.add_argument_group("VAE (--model vae, --data digits|fashion-mnist, binarised; recipe of --objective elbo)")
     vae.add_argument("--posterior", choices=POSTERIORS, default=None, help="q(z|x) family (default gaussian)")
-    vae.add_argument("--latent-dim", type=positive_int, default=None, help="default 8")
+    vae.add_argument("--latent-dim", type=positive_int, default=None, help="default 8 on digits, 16 on fashion-mnist")
     vae.add_argument("--flow-hidden", type=positive_int, nargs="+", default=None, help="posterior flow widths (64 64)")
     vae.add_argument(
         "--flow-context", choices=CONTEXT_MODES, default=None,
         help="how h(x) conditions the CNF posterior's field: concat (a bias, default) or film (scale and shift)",
     )  # fmt: skip
-    vae.add_argument("--kl-warmup", type=non_negative_int, default=None, help="steps of linear KL warm-up (500)")
+    vae.add_argument("--kl-warmup", type=non_negative_int, default=None, help="steps of linear KL warm-up (300 on digits, 1000 on fashion-mnist)")
     vae.add_argument("--iwae-samples", type=positive_int, default=None, help="k of the test importance-weighted bound (1000)")
     add_device_option(p)
     p.add_argument(

@@ -452,3 +452,34 @@ def test_cnf_posterior_init_scale_multiplies_the_initial_velocity(context_mode: 
         assert not torch.allclose(scaled, base)
     with pytest.raises(ValueError, match="init_scale must be a positive number, got 0"):
         Posterior(4, 6, "cnf", init_scale=0)
+
+
+@pytest.mark.parametrize(
+    ("data", "latent", "hidden", "kl_warmup", "val_every"),
+    [("digits", 8, [128, 128], 300, 100), ("fashion-mnist", 16, [256, 256], 1000, 250)],
+)
+def test_cli_vae_defaults_are_the_benchmark_settings_of_the_data_set(
+    data, latent, hidden, kl_warmup, val_every, tmp_path, monkeypatch
+) -> None:
+    """With no flags, `cnf train --model vae --posterior cnf` takes the settings of the README's
+    benchmarks.vae command for that data set: latent size, widths, KL warm-up, validation
+    cadence, patience 5 and the CNF posterior's tolerance 1e-4 (flags still override)."""
+    import cnf.data.binarized as binarized
+    from cnf.checkpoint import read_checkpoint
+    from cnf.cli import main
+
+    if data == "fashion-mnist":  # the same code path on digits' images: no Debian package needed
+        monkeypatch.setattr(binarized, "load_binarized", lambda name, seed=0, n_train=None: load_binarized("digits", seed=seed, n_train=n_train))
+    out = tmp_path / data
+    assert main(["train", "--model", "vae", "--posterior", "cnf", "--data", data, "--iters", "1",
+                 "--iwae-samples", "2", "--test-n", "2", "--out", str(out)]) == 0  # fmt: skip
+    payload = read_checkpoint(out / "checkpoint.pt")
+    run, settings = payload["run"], payload["settings"]
+    assert (run["latent_dim"], run["hidden"]) == (latent, hidden)
+    assert (settings["kl_warmup"], settings["val_every"], settings["patience"]) == (kl_warmup, val_every, 5)
+    assert payload["config"]["solver"]["rtol"] == payload["config"]["solver"]["atol"] == 1e-4
+    flagged = ["train", "--model", "vae", "--data", data, "--iters", "1", "--latent-dim", "3", "--kl-warmup", "7",
+               "--iwae-samples", "2", "--test-n", "2", "--out", str(tmp_path / "flags")]  # fmt: skip
+    assert main(flagged) == 0
+    payload = read_checkpoint(tmp_path / "flags" / "checkpoint.pt")
+    assert payload["run"]["latent_dim"] == 3 and payload["settings"]["kl_warmup"] == 7
