@@ -337,6 +337,11 @@ def _them(given: dict[str, Any]) -> str:
     return "them" if len(given) > 1 else "it"
 
 
+def _typed_flags(given: dict[str, Any]) -> str:
+    """The flags of ``given`` as the user typed them, comma-separated."""
+    return ", ".join(_given_flag(name, value) for name, value in given.items())
+
+
 def _given_flag(name: str, value: Any) -> str:
     """A flag as the user typed it: ``--hidden 8 8``, ``--rtol 0.001``, ``--no-adjoint``."""
     if isinstance(value, bool):
@@ -353,9 +358,8 @@ def check_model_flags(args: argparse.Namespace, resumed: Path | None = None, mod
     if model == "planar":
         given = explicit(args, CNF_ONLY_FLAGS)
         if given:
-            flags = ", ".join(_given_flag(name, value) for name, value in given.items())
             raise ValueError(
-                f"{subject} has no velocity field and no ODE solve, so {flags} would be ignored; "
+                f"{subject} has no velocity field and no ODE solve, so {_typed_flags(given)} would be ignored; "
                 f"drop {_them(given)}, or {way_out}"
             )
     elif model == "cnf" and args.layers is not None:
@@ -372,8 +376,8 @@ def check_vae_flags(args: argparse.Namespace, vae: bool) -> None:
     )  # fmt: skip
     given = explicit(args, names)
     if given:
-        flags = ", ".join(_given_flag(name, value) for name, value in given.items())
-        raise ValueError(reason.format(flags=flags, them=_them(given), verb="apply" if len(given) > 1 else "applies"))
+        flags, verb = _typed_flags(given), "apply" if len(given) > 1 else "applies"
+        raise ValueError(reason.format(flags=flags, them=_them(given), verb=verb))
 
 
 def check_posterior_flags(args: argparse.Namespace, posterior: str) -> None:
@@ -728,7 +732,7 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     else:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
         data_recipe = VAE_DATA_RECIPES.get(args.data, {})  # the benchmark's settings for this data set
-        defaults = {**VAE_DEFAULTS, **{k: v for k, v in data_recipe.items() if k in VAE_DEFAULTS}}
+        defaults = {**VAE_DEFAULTS, **data_recipe.get("model", {})}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
         check_posterior_flags(args, run["posterior"])
@@ -747,8 +751,8 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
                   flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
                   flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-        training = {k: v for k, v in data_recipe.items() if k in ("kl_warmup", "val_every", "patience")}
-        settings = TrainSettings(**{**recipe("elbo", data.train.shape[1], "image", time_limit=time_limit), **training, **given})
+        base = recipe("elbo", data.train.shape[1], "image", time_limit=time_limit)
+        settings = TrainSettings(**{**base, **data_recipe.get("settings", {}), **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
     print(
         f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "
@@ -1185,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"{_words(model_recipe(TOY_DIM + 1, 'tabular', dequantized=True)['hidden'])} on dequantised ones, "
         f"{_words(SMALL_TABLE_FIELD['hidden'])} on tables of under {SMALL_TABLE_ROWS:,} training rows; images: "
         f"the recipe's channels; --model vae: encoder and decoder, "
-        f"{_words(VAE_DATA_RECIPES['digits']['hidden'])} on digits, {_words(VAE_DATA_RECIPES['fashion-mnist']['hidden'])} on fashion-mnist)",
+        + ", ".join(f"{_words(r['model']['hidden'])} on {name}" for name, r in VAE_DATA_RECIPES.items()) + ")",
     )  # fmt: skip
     p.add_argument(
         "--activation", default=None, choices=tuple(ACTIVATIONS),
