@@ -31,11 +31,16 @@ import torch
 from benchmarks.common import RESULTS, write_results
 from cnf.adapters import zuko_available
 from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
+from cnf.recipes import VAE_DATA_RECIPES, recipe
 from cnf.solver import Solver
 from cnf.training import train
 from cnf.vae import POSTERIORS, VAE
 from cnf.vae.evaluate import evaluate_vae, mean_and_two_se
 from cnf.vae.posteriors import CNF_INIT_SCALE
+
+#: The flags whose defaults come from cnf train --model vae's recipe for each data set.
+RECIPE_FLAGS = ("latent_dim", "hidden", "tol", "lr", "batch_size", "kl_warmup", "val_every", "patience")
+RECIPE_HELP = "the data set's cnf train --model vae recipe (cnf.recipes.VAE_DATA_RECIPES)"
 
 COLUMNS = (
     "data", "posterior", "elbo", "elbo_two_se", "iwae", "iwae_two_se", "iwae_vs_gaussian", "vs_two_se",
@@ -52,8 +57,25 @@ def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
                flow_activation=args.flow_activation, flow_init_scale=args.flow_init_scale)  # fmt: skip
 
 
-def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+def dataset_args(name: str, dim: int, args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with the flags left unset taken from ``cnf train --model vae``'s recipe for the
+    data set, so that the benchmark's defaults and the CLI's are one recipe."""
+    data_recipe = VAE_DATA_RECIPES[name]
+    settings = {**recipe("elbo", dim, "image"), **data_recipe["settings"]}
+    recipe_values = {
+        "latent_dim": data_recipe["model"]["latent_dim"], "hidden": tuple(data_recipe["model"]["hidden"]),
+        "tol": data_recipe["posterior_tol"], **{k: settings[k] for k in ("lr", "batch_size", "kl_warmup", "val_every", "patience")},
+    }  # fmt: skip
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in recipe_values.items() if getattr(args, k) is None}})
+
+
+def run_dataset(name: str, args: argparse.Namespace, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Train and score every posterior on one data set; ``settings[name]`` records the recipe used."""
     data = load_binarized(name, seed=args.seed, n_train=args.n_train)
+    args = dataset_args(name, data.train.shape[1], args)
+    settings[name] = {k: getattr(args, k) for k in RECIPE_FLAGS}
+    print(f"{name}: latent {args.latent_dim}, widths {args.hidden}, tol {args.tol}, lr {args.lr}, batch "
+          f"{args.batch_size}, KL warm-up {args.kl_warmup}, validation every {args.val_every}, patience {args.patience}")  # fmt: skip
     test = data.test[: args.n_test]
     rows, baseline, planar = [], None, None
     for posterior in args.posteriors:
@@ -83,7 +105,7 @@ def run_dataset(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["digits"], choices=BINARIZED_DATASETS)
     parser.add_argument("--posteriors", nargs="+", default=["gaussian", "planar", "iaf", "cnf"], choices=POSTERIORS)
@@ -93,41 +115,47 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--n-test", type=int, default=None, help="test images scored (default all)")
     parser.add_argument("--k", type=int, default=1000, help="samples of the importance-weighted bound")
     parser.add_argument("--chunk", type=int, default=250, help="IWAE samples drawn per pass")
-    parser.add_argument("--latent-dim", type=int, default=8)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256], help="encoder / decoder widths")
+    parser.add_argument("--latent-dim", type=int, default=None, help=f"default: {RECIPE_HELP}")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help=f"encoder / decoder widths (default: {RECIPE_HELP})")
     parser.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--planar-layers", type=int, default=16)
     parser.add_argument("--iaf-transforms", type=int, default=4)
     parser.add_argument("--flow-context", default="concat", choices=("concat", "film"), help="how h(x) enters the CNF posterior")
     parser.add_argument("--flow-activation", default="tanh", help="the CNF posterior field's activation")
     parser.add_argument("--flow-init-scale", type=float, default=CNF_INIT_SCALE, help="the CNF posterior field's initial velocity scale")
-    parser.add_argument("--tol", type=float, default=1e-5, help="rtol = atol of the CNF posterior's solves")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--kl-warmup", type=int, default=500, help="steps of linear KL warm-up")
-    parser.add_argument("--val-every", type=int, default=100)
+    parser.add_argument("--tol", type=float, default=None, help=f"rtol = atol of the CNF posterior's solves (default: {RECIPE_HELP})")
+    parser.add_argument("--lr", type=float, default=None, help=f"default: {RECIPE_HELP}")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"default: {RECIPE_HELP}")
+    parser.add_argument("--kl-warmup", type=int, default=None, help=f"steps of linear KL warm-up (default: {RECIPE_HELP})")
+    parser.add_argument("--val-every", type=int, default=None, help=f"default: {RECIPE_HELP}")
     parser.add_argument("--val-size", type=int, default=1000)
-    parser.add_argument("--patience", type=int, default=10, help="validations without improvement")
+    parser.add_argument("--patience", type=int, default=None, help=f"validations without improvement (default: {RECIPE_HELP})")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a few seconds (for the tests)")
     parser.add_argument("--name", default="vae", help="results file name")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = make_parser().parse_args(argv)
     if args.quick:
         args.datasets, args.budget, args.n_train, args.n_test, args.k, args.chunk = ["digits"], 0.5, 200, 20, 5, 5
         args.hidden, args.flow_hidden, args.tol, args.val_every, args.latent_dim = [16], [8], 1e-3, 5, 2
         args.planar_layers, args.iaf_transforms = 2, 1
-    args.hidden, args.flow_hidden = tuple(args.hidden), tuple(args.flow_hidden)
+    args.hidden = tuple(args.hidden) if args.hidden is not None else None
+    args.flow_hidden = tuple(args.flow_hidden)
     torch.set_num_threads(args.threads)
-    rows = [row for name in args.datasets for row in run_dataset(name, args)]
+    rows, settings = [], {}
+    for name in args.datasets:
+        rows += run_dataset(name, args, settings)
     meta = {
         "command": "python -m benchmarks.vae " + " ".join(sys.argv[1:] if argv is None else argv),
         "budget_seconds": args.budget,
         "iters": args.iters,
         "k": args.k,
-        "latent_dim": args.latent_dim,
-        "hidden": args.hidden,
+        "settings": settings,
         "threads": args.threads,
         "note": "nats per image; two_se over test images; iwae_vs_gaussian paired on the same images",
     }

@@ -713,6 +713,28 @@ VAE_DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def check_vae_resume_flags(args: argparse.Namespace, checkpoint: Path, config: dict[str, Any]) -> None:
+    """Refuse model and solver flags that would change a resumed VAE (its checkpoint's model is
+    rebuilt as saved, so they would be ignored), as a resumed flow refuses them."""
+    solver = config.get("solver") or {}
+    saved = {
+        "posterior": config.get("posterior"), "latent_dim": config.get("latent_dim"), "hidden": config.get("hidden"),
+        "flow_hidden": config.get("flow_hidden"), "flow_context": config.get("flow_context"),
+        "activation": config.get("flow_activation"), "layers": config.get("layers"),
+        **{name: solver.get(name) for name in ("method", "rtol", "atol", "adjoint")},
+    }  # fmt: skip
+    changed = {
+        name: value for name, value in explicit(args, list(saved)).items()
+        if (list(value) if isinstance(value, (list, tuple)) else value) != saved[name]
+    }  # fmt: skip
+    if changed:
+        had = ", ".join(f"{name}={saved[name]!r}" for name in changed)
+        raise ValueError(
+            f"cannot change {_typed_flags(changed)} when resuming: the VAE in {str(checkpoint)!r} has {had}; "
+            "start a new run (another --out) instead"
+        )
+
+
 def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     """``cnf train --model vae --posterior gaussian|planar|cnf|iaf --data digits|fashion-mnist``:
     the recipe of the ``elbo`` objective, flags given override it; ``--resume`` continues a run."""
@@ -725,6 +747,8 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         raise ValueError(f"--model vae trains by the elbo objective, got --objective {given['objective']!r}")
     if resume is not None:
         payload = read_checkpoint(resume)
+        check_posterior_flags(args, payload["config"]["posterior"])
+        check_vae_resume_flags(args, resume, payload["config"])
         run = {**(payload.get("run") or {}), **explicit(args, ["data", "seed", "n_train"])}
         vae = build_flow(payload["config"])
         settings = TrainSettings(**{**asdict(TrainSettings.from_dict(payload["settings"])), **given})

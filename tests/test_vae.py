@@ -289,6 +289,12 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert main(resumed) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["posterior"] == "cnf" and summary["settings"]["kl_warmup"] == 2
+    capsys.readouterr()
+    assert main([*resumed, "--latent-dim", "4", "--rtol", "1e-3", "--hidden", "32"]) == 2  # the model is the run's
+    err = capsys.readouterr().err
+    assert "cannot change --latent-dim 4, --hidden 32 when resuming" in err and "latent_dim=2, hidden=[16]" in err
+    assert main([*resumed, "--layers", "3"]) == 2
+    assert "--layers 3 applies to --posterior planar or iaf, got --posterior cnf" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data", "digits", "--n", "20", "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 20
     assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
@@ -478,8 +484,16 @@ def test_cli_vae_defaults_are_the_benchmark_settings_of_the_data_set(
     assert (run["latent_dim"], run["hidden"]) == (latent, hidden)
     assert (settings["kl_warmup"], settings["val_every"], settings["patience"]) == (kl_warmup, val_every, 5)
     assert payload["config"]["solver"]["rtol"] == payload["config"]["solver"]["atol"] == 1e-4
+    from benchmarks.vae import dataset_args, make_parser  # the benchmark with no flags: the same recipe
+
+    bench = dataset_args(data, payload["config"]["dim"], make_parser().parse_args([]))
+    assert (bench.latent_dim, list(bench.hidden), bench.tol) == (latent, hidden, 1e-4)
+    names = ("lr", "batch_size", "kl_warmup", "val_every", "patience")
+    assert {name: getattr(bench, name) for name in names} == {name: settings[name] for name in names}
     flagged = ["train", "--model", "vae", "--data", data, "--iters", "1", "--latent-dim", "3", "--kl-warmup", "7",
                "--iwae-samples", "2", "--test-n", "2", "--out", str(tmp_path / "flags")]  # fmt: skip
     assert main(flagged) == 0
     payload = read_checkpoint(tmp_path / "flags" / "checkpoint.pt")
     assert payload["run"]["latent_dim"] == 3 and payload["settings"]["kl_warmup"] == 7
+    bench = dataset_args(data, 64, make_parser().parse_args(["--latent-dim", "3", "--kl-warmup", "7"]))
+    assert (bench.latent_dim, bench.kl_warmup) == (3, 7)
