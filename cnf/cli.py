@@ -735,16 +735,30 @@ def check_vae_resume_flags(args: argparse.Namespace, checkpoint: Path, config: d
         )
 
 
+def new_vae(args: argparse.Namespace, run: dict[str, Any], dim: int, tol: float) -> torch.nn.Module:
+    """The VAE of a new run: ``run``'s model settings, the solver flags or dopri5 at ``tol``."""
+    from cnf.vae import VAE
+
+    torch.manual_seed(run["seed"])
+    solver = Solver(method=args.method or "dopri5", rtol=args.rtol or tol, atol=args.atol or tol,
+                    adjoint=bool(args.adjoint))  # fmt: skip
+    layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
+    return VAE(dim, run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
+               flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
+               flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
+
+
 def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     """``cnf train --model vae --posterior gaussian|planar|cnf|iaf --data digits|fashion-mnist``:
     the recipe of the ``elbo`` objective, flags given override it; ``--resume`` continues a run."""
     from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
-    from cnf.vae import VAE
     from cnf.vae.evaluate import evaluate_vae
 
     given = explicit(args, [*TRAIN_FLAGS, "kl_warmup"])
     if given.get("objective", "elbo") != "elbo":
         raise ValueError(f"--model vae trains by the elbo objective, got --objective {given['objective']!r}")
+    # a new run: the benchmark's settings for this data set, then the flags; a resumed run: its own
+    data_recipe = VAE_DATA_RECIPES.get(args.data, {}) if resume is None else {}
     if resume is not None:
         payload = read_checkpoint(resume)
         check_posterior_flags(args, payload["config"]["posterior"])
@@ -755,7 +769,6 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         out = Path(args.out) if args.out is not None else resume.parent
     else:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
-        data_recipe = VAE_DATA_RECIPES.get(args.data, {})  # the benchmark's settings for this data set
         defaults = {**VAE_DEFAULTS, **data_recipe.get("model", {})}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
@@ -766,14 +779,7 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         )
     data = load_binarized(run["data"], seed=run["seed"], n_train=run.get("n_train"))
     if resume is None:
-        torch.manual_seed(run["seed"])
-        tol = data_recipe.get("posterior_tol", 1e-5)
-        solver = Solver(method=args.method or "dopri5", rtol=args.rtol or tol, atol=args.atol or tol,
-                        adjoint=bool(args.adjoint))  # fmt: skip
-        layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
-        vae = VAE(data.train.shape[1], run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
-                  flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
-                  flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
+        vae = new_vae(args, run, data.train.shape[1], data_recipe.get("posterior_tol", 1e-5))
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         base = recipe("elbo", data.train.shape[1], "image", time_limit=time_limit)
         settings = TrainSettings(**{**base, **data_recipe.get("settings", {}), **given})
