@@ -72,15 +72,15 @@ def evaluate_vae(
 
 
 def grid_posterior(
-    vae: VAE, x: torch.Tensor, *, bound: float = 4.0, resolution: int = 100
+    vae: VAE, x: torch.Tensor, *, bound: float = 4.0, resolution: int = 100, with_q: bool = True
 ) -> dict[str, torch.Tensor]:
     """The true posterior p(z | x) of a 2-D-latent VAE on a square grid [-bound, bound]^2.
 
     For each row of ``x`` (B, D): log p(x, z) at the grid points, normalised by the quadrature
     estimate of log p(x) (a Riemann sum over the grid cells, accurate when the grid holds the
     posterior's mass); and log q(z | x) at the same points (the flow inverted). Returns ``axis``
-    (resolution,), ``points`` (resolution^2, 2), ``log_true`` and ``log_q`` (B, resolution^2)
-    and ``log_evidence`` (B,)."""
+    (resolution,), ``points`` (resolution^2, 2), ``log_true`` and ``log_q`` (B, resolution^2;
+    None when not ``with_q``) and ``log_evidence`` (B,)."""
     if vae.latent_dim != 2:
         raise ValueError(f"grid_posterior needs a 2-D latent space, got latent_dim={vae.latent_dim}")
     anchor = next(vae.parameters())
@@ -91,7 +91,7 @@ def grid_posterior(
         z = zz.unsqueeze(1).expand(-1, x.shape[0], -1)
         log_joint = vae.joint_log_prob(z, x).T  # (B, G)
         log_evidence = torch.logsumexp(log_joint, dim=1) + math.log(cell)
-        log_q = vae.posterior_log_prob(z.contiguous(), x).T
+        log_q = vae.posterior_log_prob(z.contiguous(), x).T if with_q else None
     return {
         "axis": axis,
         "points": zz,
@@ -99,6 +99,17 @@ def grid_posterior(
         "log_q": log_q,
         "log_evidence": log_evidence,
     }
+
+
+def grid_log_evidence(
+    vae: VAE, x: torch.Tensor, *, bound: float = 4.0, resolution: int = 100, chunk: int = 16
+) -> torch.Tensor:
+    """log p(x) per row of ``x`` (B, D) of a 2-D-latent VAE by the quadrature of
+    :func:`grid_posterior` (without its log q), ``chunk`` rows at a time: for many images."""
+    return torch.cat(
+        [grid_posterior(vae, rows, bound=bound, resolution=resolution, with_q=False)["log_evidence"]
+         for rows in x.split(chunk)]
+    )  # fmt: skip
 
 
 def kl_to_true_posterior(
