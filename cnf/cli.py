@@ -767,6 +767,8 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         vae = build_flow(payload["config"])
         settings = TrainSettings(**{**asdict(TrainSettings.from_dict(payload["settings"])), **given})
         out = Path(args.out) if args.out is not None else resume.parent
+        changed = "changed: " + _typed_flags(given) if given else "nothing changed"
+        print(f"resuming {resume} at step {payload['step']} with the run's own model, solver and settings; {changed}")
     else:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
         defaults = {**VAE_DEFAULTS, **data_recipe.get("model", {})}

@@ -287,6 +287,7 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
     resumed = ["train", "--resume", str(out / "checkpoint.pt"), "--iters", "5", "--iwae-samples", "4"]
     assert main(resumed) == 0
+    assert "at step 3 with the run's own model, solver and settings; changed: --iters 5" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 5 and summary["posterior"] == "cnf" and summary["settings"]["kl_warmup"] == 2
     capsys.readouterr()
