@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny models and grids (seconds)")
     args = parser.parse_args(argv)
+    if args.kl_images is not None and args.kl_images < 1:
+        parser.error(f"--kl-images must be a positive number of test images, got {args.kl_images}")
     with torch_threads(args.threads):
         return run(args)
 
