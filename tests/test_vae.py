@@ -301,10 +301,17 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
     assert main(["train", "--model", "vae", "--data", "moons", "--out", str(tmp_path / "bad")]) == 2
     assert "--data must be one of ('digits', 'fashion-mnist'), got 'moons'" in capsys.readouterr().err
 
-    # cnf plot draws images of a VAE (it used to pair pixel coordinates as for a 64-D table)
+    # cnf plot draws images of a VAE (it used to pair pixel coordinates as for a 64-D table), and
+    # with a 2-D latent also q(z|x) beside the true posterior
     plots = tmp_path / "plots"
     assert main(["plot", "--checkpoint", str(out / "checkpoint.pt"), "--out", str(plots)]) == 0
-    assert {p.name for p in plots.iterdir()} == {"reconstructions.png", "samples.png", "training_curves.png"}
+    names = {"reconstructions.png", "samples.png", "training_curves.png", "posteriors.png"}
+    assert {p.name for p in plots.iterdir()} == names
+    from cnf.vae.plots import plot_vae
+
+    data = load_binarized("digits", n_train=20)
+    paths = plot_vae(VAE(64, 3, "gaussian", hidden=(8,)), data.test[:8], data.shape, tmp_path / "latent3")
+    assert {p.name for p in paths} == {"reconstructions.png", "samples.png"}  # no grid beyond 2-D
 
 
 def train_tiny_cnf_vae(out, *flags: str, iters: int = 2) -> VAE:

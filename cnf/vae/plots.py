@@ -70,7 +70,9 @@ def plot_posteriors(
 
 def plot_vae(vae: torch.nn.Module, images: torch.Tensor, shape: Sequence[int], out: str | Path, *, seed: int = 0) -> list[Path]:
     """``reconstructions.png`` (the first 8 of ``images`` (n, H*W) above E[x | z], z ~ q(z | x))
-    and ``samples.png`` (E[x | z] for 16 draws z ~ p(z), two rows) in the folder ``out``."""
+    and ``samples.png`` (E[x | z] for 16 draws z ~ p(z), two rows) in the folder ``out``; for a
+    2-D latent also ``posteriors.png``: q(z | x) beside the true posterior for the first 4 images,
+    with KL(q || p) (:func:`cnf.vae.evaluate.grid_posterior`, as ``examples/vae.py`` draws them)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shown = images[:8]
@@ -80,10 +82,17 @@ def plot_vae(vae: torch.nn.Module, images: torch.Tensor, shape: Sequence[int], o
         reconstructed = vae.reconstruct(shown)
         prior = vae.sample(16, generator=torch.Generator().manual_seed(seed))
     family = vae.posterior.family
-    return [
+    paths = [
         plot_image_rows(
             {"test images": shown, f"{family} posterior": reconstructed}, shape, out / "reconstructions.png",
             "test images and reconstructions E[x | z], z ~ q(z | x)",
         ),
         plot_image_rows({"p(z)": prior[:8], " ": prior[8:]}, shape, out / "samples.png", "E[x | z], z ~ p(z)"),
     ]  # fmt: skip
+    if vae.latent_dim == 2:
+        from cnf.vae.evaluate import grid_posterior, kl_to_true_posterior
+
+        panel = grid_posterior(vae, images[:4], bound=4.0, resolution=100)
+        kl, _ = kl_to_true_posterior(vae, images[:4], panel["log_evidence"], samples=2000, seed=seed)
+        paths.append(plot_posteriors({family: panel}, {family: kl}, out / "posteriors.png"))
+    return paths
