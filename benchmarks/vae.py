@@ -31,7 +31,7 @@ import torch
 from benchmarks.common import RESULTS, write_results
 from cnf.adapters import zuko_available
 from cnf.data.binarized import BINARIZED_DATASETS, load_binarized
-from cnf.recipes import VAE_DATA_RECIPES, recipe
+from cnf.recipes import VAE_DATA_RECIPES, vae_settings
 from cnf.solver import Solver
 from cnf.training import train
 from cnf.vae import POSTERIORS, VAE
@@ -60,8 +60,7 @@ def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
 def dataset_args(name: str, dim: int, args: argparse.Namespace) -> argparse.Namespace:
     """``args`` with the flags left unset taken from ``cnf train --model vae``'s recipe for the
     data set, so that the benchmark's defaults and the CLI's are one recipe."""
-    data_recipe = VAE_DATA_RECIPES[name]
-    settings = {**recipe("elbo", dim, "image"), **data_recipe["settings"]}
+    data_recipe, settings = VAE_DATA_RECIPES[name], vae_settings(name, dim)
     recipe_values = {
         "latent_dim": data_recipe["model"]["latent_dim"], "hidden": tuple(data_recipe["model"]["hidden"]),
         "tol": data_recipe["posterior_tol"], **{k: settings[k] for k in ("lr", "batch_size", "kl_warmup", "val_every", "patience")},

@@ -50,6 +50,7 @@ from cnf.recipes import (
     exact_evaluation,
     model_recipe,
     recipe,
+    vae_settings,
 )
 from cnf.solver import Solver
 from cnf.training import (
@@ -783,8 +784,7 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     if resume is None:
         vae = new_vae(args, run, data.train.shape[1], data_recipe.get("posterior_tol", 1e-5))
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
-        base = recipe("elbo", data.train.shape[1], "image", time_limit=time_limit)
-        settings = TrainSettings(**{**base, **data_recipe.get("settings", {}), **given})
+        settings = TrainSettings(**{**vae_settings(run["data"], data.train.shape[1], time_limit=time_limit), **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
     print(
         f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "

@@ -300,6 +300,13 @@ def recipe(
     return settings
 
 
+def vae_settings(data: str | None, dim: int, *, time_limit: float | None = None) -> dict[str, Any]:
+    """The :class:`cnf.TrainSettings` fields of ``cnf train --model vae`` on the binarised data set
+    ``data`` of ``dim`` pixels: the ``elbo`` recipe with the data set's :data:`VAE_DATA_RECIPES`
+    settings over it (``benchmarks.vae`` takes the same)."""
+    return {**recipe("elbo", dim, "image", time_limit=time_limit), **VAE_DATA_RECIPES.get(data, {}).get("settings", {})}
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     try:
