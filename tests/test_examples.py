@@ -143,4 +143,6 @@ def test_vae_quick(tmp_path: Path) -> None:
         assert result["test_iwae"] < 0 and len(result["kl_q_to_true_posterior"]) == 2
         assert all(k > -0.2 for k in result["kl_q_to_true_posterior"])  # a KL, up to quadrature/MC error
         assert result["kl_images"] == 8 and result["mean_kl_test"] > -0.2 and result["mean_kl_test_two_se"] > 0
+        approximation, amortisation = result["approximation_gap"][0], result["amortisation_gap"][0]
+        assert approximation > -0.2 and abs(approximation + amortisation - result["mean_kl_test"]) < 1e-6
     assert_pictures(tmp_path, ["reconstructions.png", "samples.png", "posteriors.png"])

@@ -181,8 +181,21 @@ class VAE(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """For k samples z ~ q(z | x) per row: ``z`` (k, B, d) and the terms of the bounds, each
         (k, B): ``log_px_given_z``, ``log_pz``, ``log_qz`` and ``log_w`` = log p(x, z) - log q(z | x)."""
+        return self.log_weights_given(x, self.encode(x), k, generator)
+
+    def log_weights_given(
+        self,
+        x: torch.Tensor,
+        encoding: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        k: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`log_weights` with q(z | x) built from a given ``encoding`` (mean, log_std, h),
+        each with one row per row of ``x``, instead of the encoder's (per-image refinement:
+        :func:`cnf.vae.evaluate.refine_encoding`)."""
         k = _check_positive_int("k", k)
-        mean, log_std, h = self.encode(x)
+        self._check(x)
+        mean, log_std, h = encoding
         z, log_qz = self.posterior.sample_and_log_prob(mean, log_std, h, k, generator)
         log_px_given_z = self.decoder.log_prob(x, z)
         log_pz = standard_normal_log_prob(z)
