@@ -102,7 +102,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log_evidence = grid_log_evidence(vae, scored, bound=4.0, resolution=resolution)
         gaps = inference_gaps(vae, scored, log_evidence, samples=samples // 5, steps=20 if quick else 300)
         kl_test, kl_test_two_se = mean_and_two_se(gaps["kl"])
-        cell = float(panels[family]["axis"][1] - panels[family]["axis"][0]) ** 2
+        axis = panels[family]["axis"]
+        cell = (axis[:, 1, 0] - axis[:, 0, 0]) * (axis[:, 1, 1] - axis[:, 0, 1])
         q_mass = panels[family]["log_q"].exp().sum(1) * cell  # ~1 when the grid holds q's mass
         summary["families"][family] = {
             "steps": result.step,

@@ -523,7 +523,7 @@ def test_grid_posterior_and_kl_match_the_linear_gaussian_closed_form() -> None:
     torch.testing.assert_close(panels["log_evidence"], log_px, rtol=0, atol=1e-6)
     torch.testing.assert_close(grid_log_evidence(vae, x, bound=6.0, resolution=240, chunk=4), log_px, rtol=0, atol=1e-6)
     means = (x.numpy() - model["b"]) @ model["gain"].T
-    exact = [multivariate_normal(m, model["cov"]).logpdf(panels["points"].numpy()) for m in means]
+    exact = [multivariate_normal(m, model["cov"]).logpdf(points) for m, points in zip(means, panels["points"].numpy())]
     torch.testing.assert_close(panels["log_true"], torch.as_tensor(np.stack(exact)), rtol=0, atol=1e-6)
     variances = np.exp(2 * vae.encoder.log_std.detach().numpy())
     precision = np.linalg.inv(model["cov"])
@@ -533,6 +533,28 @@ def test_grid_posterior_and_kl_match_the_linear_gaussian_closed_form() -> None:
     kl, two_se = kl_to_true_posterior(vae, x, panels["log_evidence"], samples=20000)
     assert closed > 0.1
     assert bool(((kl - closed).abs() < two_se + 1e-3).all()), (kl, two_se, closed)
+
+
+def test_posterior_window_holds_posteriors_the_fixed_grid_misses() -> None:
+    """Images whose posteriors lie outside [-4, 4]^2: the fixed grid's quadrature log p(x) is far
+    off, the grid on each image's posterior_window matches the closed form, and q's mass is on it."""
+    from cnf.vae.evaluate import grid_posterior, posterior_window
+
+    model = linear_gaussian(seed=5, orthogonal=False)
+    vae = exact_gaussian_vae(model)
+    far = torch.tensor([[7.0, -6.0], [-9.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
+    x = far @ torch.as_tensor(model["W"]).T + torch.as_tensor(model["b"])
+    log_px = evidence(model, x)
+    fixed = grid_posterior(vae, x, bound=4.0, resolution=100)
+    assert bool(((fixed["log_evidence"] - log_px)[:2] < -5).all())
+    centre, half = posterior_window(vae, x)
+    means = torch.as_tensor((x.numpy() - model["b"]) @ model["gain"].T)
+    assert bool(((means - centre).abs().amax(1) < half).all()) and bool((half < 3).all())  # not a grid from the origin
+    panels = grid_posterior(vae, x, resolution=100, window=(centre, half))
+    torch.testing.assert_close(panels["log_evidence"], log_px, rtol=0, atol=1e-4)
+    cell = (2 * half / 99) ** 2
+    q_mass = panels["log_q"].exp().sum(1) * cell
+    torch.testing.assert_close(q_mass, torch.ones_like(q_mass), rtol=0, atol=1e-3)
 
 
 def test_inference_gaps_split_the_kl_into_the_familys_shortfall_and_the_encoders() -> None:

@@ -50,15 +50,16 @@ def plot_posteriors(
     fig = _figure(2.0 * 2 * images, 2.1 * len(families))
     for r, family in enumerate(families):
         grid = panels[family]
-        axis = grid["axis"].cpu().numpy()
-        size = axis.size
         for i in range(images):
+            axis = grid["axis"][i].cpu().numpy()  # (R, 2): this image's z1 and z2 grid lines
+            size = axis.shape[0]
             for j, (what, key) in enumerate((("q(z|x)", "log_q"), ("true p(z|x)", "log_true"))):
                 ax = fig.add_subplot(len(families), 2 * images, r * 2 * images + 2 * i + j + 1)
                 density = np.exp(grid[key][i].cpu().numpy()).reshape(size, size)
-                ax.pcolormesh(axis, axis, density, shading="auto", cmap="viridis")
-                ax.set_xticks([])
-                ax.set_yticks([])
+                ax.pcolormesh(axis[:, 0], axis[:, 1], density, shading="auto", cmap="viridis")
+                ax.set_xticks(axis[[0, -1], 0].round(2))
+                ax.set_yticks(axis[[0, -1], 1].round(2))
+                ax.tick_params(labelsize=5)
                 label = f"{family}: {what}" if j == 0 else what
                 if j == 0:
                     label += f"\nKL={float(kl[family][i]):.3f}"
@@ -72,7 +73,7 @@ def plot_vae(vae: torch.nn.Module, images: torch.Tensor, shape: Sequence[int], o
     """``reconstructions.png`` (the first 8 of ``images`` (n, H*W) above E[x | z], z ~ q(z | x))
     and ``samples.png`` (E[x | z] for 16 draws z ~ p(z), two rows) in the folder ``out``; for a
     2-D latent also ``posteriors.png``: q(z | x) beside the true posterior for the first 4 images,
-    with KL(q || p) (:func:`cnf.vae.evaluate.grid_posterior`, as ``examples/vae.py`` draws them)."""
+    with KL(q || p), each on a grid around both (:func:`cnf.vae.evaluate.posterior_window`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shown = images[:8]
@@ -90,9 +91,10 @@ def plot_vae(vae: torch.nn.Module, images: torch.Tensor, shape: Sequence[int], o
         plot_image_rows({"p(z)": prior[:8], " ": prior[8:]}, shape, out / "samples.png", "E[x | z], z ~ p(z)"),
     ]  # fmt: skip
     if vae.latent_dim == 2:
-        from cnf.vae.evaluate import grid_posterior, kl_to_true_posterior
+        from cnf.vae.evaluate import grid_posterior, kl_to_true_posterior, posterior_window
 
-        panel = grid_posterior(vae, images[:4], bound=4.0, resolution=100)
+        window = posterior_window(vae, images[:4], seed=seed)
+        panel = grid_posterior(vae, images[:4], resolution=100, window=window)
         kl, _ = kl_to_true_posterior(vae, images[:4], panel["log_evidence"], samples=2000, seed=seed)
         paths.append(plot_posteriors({family: panel}, {family: kl}, out / "posteriors.png"))
     return paths
