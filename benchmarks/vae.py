@@ -54,7 +54,7 @@ def build(posterior: str, dim: int, args: argparse.Namespace) -> VAE:
     solver = Solver(rtol=args.tol, atol=args.tol)
     return VAE(dim, args.latent_dim, posterior, hidden=args.hidden, flow_hidden=args.flow_hidden,
                layers=layers, solver=solver, flow_context=args.flow_context,
-               flow_activation=args.flow_activation, flow_init_scale=args.flow_init_scale)  # fmt: skip
+               flow_context_net=args.flow_context_net, flow_activation=args.flow_activation, flow_init_scale=args.flow_init_scale)  # fmt: skip
 
 
 def dataset_args(name: str, dim: int, args: argparse.Namespace) -> argparse.Namespace:
@@ -119,7 +119,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--flow-hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--planar-layers", type=int, default=16)
     parser.add_argument("--iaf-transforms", type=int, default=4)
-    parser.add_argument("--flow-context", default="concat", choices=("concat", "film"), help="how h(x) enters the CNF posterior")
+    parser.add_argument("--flow-context", default=None, choices=("concat", "film"), help="how h(x) enters the CNF posterior (default: the recipe for the latent size)")
+    parser.add_argument("--flow-context-net", action=argparse.BooleanOptionalAction, default=None,
+                        help="the CNF posterior's field reads h(x) through a context network (default: the recipe)")
     parser.add_argument("--flow-activation", default="tanh", help="the CNF posterior field's activation")
     parser.add_argument("--flow-init-scale", type=float, default=CNF_INIT_SCALE, help="the CNF posterior field's initial velocity scale")
     parser.add_argument("--tol", type=float, default=None, help=f"rtol = atol of the CNF posterior's solves (default: {RECIPE_HELP})")

@@ -50,6 +50,7 @@ from cnf.recipes import (
     exact_evaluation,
     model_recipe,
     recipe,
+    vae_flow_context,
     vae_settings,
 )
 from cnf.solver import Solver
@@ -325,7 +326,7 @@ def _resume_path(resume: str) -> Path:
 #: Flags that shape a CNF's velocity field or its ODE solves: a planar flow has neither.
 CNF_ONLY_FLAGS = ("hidden", "activation", "time_embedding", "divergence", "noise", "method", "rtol", "atol", "adjoint")
 #: Flags of ``--model vae`` only (the VAE group of ``cnf train --help``).
-VAE_ONLY_FLAGS = ("posterior", "latent_dim", "flow_hidden", "flow_context", "kl_warmup", "iwae_samples")
+VAE_ONLY_FLAGS = ("posterior", "latent_dim", "flow_hidden", "flow_context", "flow_context_net", "kl_warmup", "iwae_samples")
 #: Flags of flows that a VAE would ignore: it trains by the ELBO on binarised images, and its CNF
 #: posterior's log-density is exact (no Hutchinson probe).
 FLOW_ONLY_FLAGS = (
@@ -385,7 +386,7 @@ def check_posterior_flags(args: argparse.Namespace, posterior: str) -> None:
     """Refuse flags that the VAE's posterior family would ignore: the solver's and the field's
     are the CNF posterior's, ``--layers`` counts planar layers or IAF transforms."""
     own = {
-        "flow_context": ("cnf",), "activation": ("cnf",), "method": ("cnf",), "rtol": ("cnf",), "atol": ("cnf",),
+        "flow_context": ("cnf",), "flow_context_net": ("cnf",), "activation": ("cnf",), "method": ("cnf",), "rtol": ("cnf",), "atol": ("cnf",),
         "adjoint": ("cnf",), "layers": ("planar", "iaf"),
     }  # fmt: skip
     for name, value in explicit(args, list(own)).items():
@@ -709,8 +710,8 @@ def _train_here(args: argparse.Namespace, cluster: distributed.Cluster) -> int:
 
 
 VAE_DEFAULTS: dict[str, Any] = {
-    "posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64], "flow_context": "concat",
-    "activation": "tanh",
+    "posterior": "gaussian", "latent_dim": 8, "hidden": [256, 256], "flow_hidden": [64, 64], "flow_context": None,
+    "flow_context_net": None, "activation": "tanh",
 }  # fmt: skip
 
 
@@ -721,7 +722,7 @@ def check_vae_resume_flags(args: argparse.Namespace, checkpoint: Path, config: d
     saved = {
         "posterior": config.get("posterior"), "latent_dim": config.get("latent_dim"), "hidden": config.get("hidden"),
         "flow_hidden": config.get("flow_hidden"), "flow_context": config.get("flow_context"),
-        "activation": config.get("flow_activation"), "layers": config.get("layers"),
+        "flow_context_net": config.get("flow_context_net", False), "activation": config.get("flow_activation"), "layers": config.get("layers"),
         **{name: solver.get(name) for name in ("method", "rtol", "atol", "adjoint")},
     }  # fmt: skip
     changed = {
@@ -746,7 +747,8 @@ def new_vae(args: argparse.Namespace, run: dict[str, Any], dim: int, tol: float)
     layers = args.layers or (4 if run["posterior"] == "iaf" else 16)
     return VAE(dim, run["latent_dim"], run["posterior"], hidden=tuple(run["hidden"]),
                flow_hidden=tuple(run["flow_hidden"]), layers=layers, solver=solver,
-               flow_context=run["flow_context"], flow_activation=run["activation"])  # fmt: skip
+               flow_context=run["flow_context"], flow_context_net=run["flow_context_net"],
+               flow_activation=run["activation"])  # fmt: skip
 
 
 def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
@@ -774,6 +776,9 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
         defaults = {**VAE_DEFAULTS, **data_recipe.get("model", {})}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
+        # how h(x) enters a CNF posterior, by latent size (film through a network up to 2-D)
+        context_recipe = vae_flow_context(run["latent_dim"])
+        run.update({k: v if run[k] is None else run[k] for k, v in context_recipe.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
         check_posterior_flags(args, run["posterior"])
     if run.get("data") not in BINARIZED_DATASETS:
@@ -1324,7 +1329,12 @@ def build_parser() -> argparse.ArgumentParser:
     vae.add_argument("--flow-hidden", type=positive_int, nargs="+", default=None, help="posterior flow widths (64 64)")
     vae.add_argument(
         "--flow-context", choices=CONTEXT_MODES, default=None,
-        help="how h(x) conditions the CNF posterior's field: concat (a bias, default) or film (scale and shift)",
+        help="how h(x) conditions the CNF posterior's field: concat (a bias) or film (scale and shift); "
+        "default film up to a 2-D latent, else concat",
+    )  # fmt: skip
+    vae.add_argument(
+        "--flow-context-net", action=argparse.BooleanOptionalAction, default=None,
+        help="the CNF posterior's field reads h(x) through a context network (default: up to a 2-D latent)",
     )  # fmt: skip
     vae.add_argument("--kl-warmup", type=non_negative_int, default=None, help="steps of linear KL warm-up (300 on digits, 1000 on fashion-mnist)")
     vae.add_argument("--iwae-samples", type=positive_int, default=None, help="k of the test importance-weighted bound (1000)")

@@ -164,11 +164,14 @@ def flow_map(posterior: Posterior, context: torch.Tensor):
     return apply
 
 
-@pytest.mark.parametrize(("family", "mode"), [("planar", "concat"), ("cnf", "concat"), ("cnf", "film")])
-def test_amortised_flow_log_det_matches_autograd_and_its_inverse(family: str, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("family", "mode", "net"),
+    [("planar", "concat", False), ("cnf", "concat", False), ("cnf", "film", False), ("cnf", "film", True)],
+)
+def test_amortised_flow_log_det_matches_autograd_and_its_inverse(family: str, mode: str, net: bool) -> None:
     torch.manual_seed(0)
     solver = Solver(rtol=1e-10, atol=1e-10)
-    posterior = Posterior(3, 4, family, layers=5, hidden=(8,), solver=solver, context_mode=mode).double()
+    posterior = Posterior(3, 4, family, layers=5, hidden=(8,), solver=solver, context_mode=mode, context_net=net).double()
     with torch.no_grad():  # make the context matter
         for p in posterior.parameters():
             p.mul_(3.0)
@@ -319,9 +322,9 @@ def train_tiny_cnf_vae(out, *flags: str, iters: int = 2) -> VAE:
     trained VAE loaded back from its checkpoint."""
     from cnf.cli import main
 
-    args = ["train", "--model", "vae", "--posterior", "cnf", *flags, "--data", "digits", "--iters", str(iters),
+    args = ["train", "--model", "vae", "--posterior", "cnf", "--data", "digits", "--iters", str(iters),
             "--batch-size", "16", "--hidden", "8", "--flow-hidden", "8", "--latent-dim", "2", "--rtol", "1e-3",
-            "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out)]  # fmt: skip
+            "--atol", "1e-3", "--iwae-samples", "2", "--out", str(out), *flags]  # fmt: skip
     assert main(args) == 0
     return load_checkpoint(out / "checkpoint.pt")[0]
 
@@ -329,12 +332,21 @@ def train_tiny_cnf_vae(out, *flags: str, iters: int = 2) -> VAE:
 def test_cli_flow_context_reaches_the_cnf_posterior(tmp_path, capsys) -> None:
     from cnf.cli import main
 
-    vae = train_tiny_cnf_vae(tmp_path / "film", "--flow-context", "film")
-    assert vae.posterior.flow.field.context_mode == "film"
+    vae = train_tiny_cnf_vae(tmp_path / "film", "--flow-context", "film", "--no-flow-context-net")
+    assert vae.posterior.flow.field.context_mode == "film" and vae.posterior.flow.field.embedding is None
+    # with no flag a 2-D latent takes the recipe (FiLM through a context network), a 3-D one the bias
+    vae = train_tiny_cnf_vae(tmp_path / "recipe")
+    assert vae.posterior.flow.field.context_mode == "film" and vae.posterior.flow.field.embedding is not None
+    vae = train_tiny_cnf_vae(tmp_path / "recipe3", "--latent-dim", "3")
+    assert vae.posterior.flow.field.context_mode == "concat" and vae.posterior.flow.field.embedding is None
     bad = ["train", "--model", "vae", "--posterior", "planar", "--flow-context", "film", "--data", "digits",
            "--out", str(tmp_path / "bad")]  # fmt: skip
     assert main(bad) == 2
     assert "--flow-context film applies to --posterior cnf, got --posterior planar" in capsys.readouterr().err
+    bad[5] = "--flow-context-net"
+    del bad[6]
+    assert main(bad) == 2
+    assert "--flow-context-net applies to --posterior cnf, got --posterior planar" in capsys.readouterr().err
 
 
 def test_film_cnf_posterior_round_trips_through_its_config() -> None:
@@ -345,6 +357,32 @@ def test_film_cnf_posterior_round_trips_through_its_config() -> None:
     assert VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_context"}).posterior.context_mode == "concat"
     with pytest.raises(ValueError, match="unknown flow_context 'bias'"):
         VAE(16, 2, "cnf", flow_context="bias")
+
+
+def test_cnf_posterior_context_follows_the_latent_size_recipe_and_round_trips() -> None:
+    low, high = VAE(16, 2, "cnf", hidden=(12,), flow_hidden=(8, 8)), VAE(16, 3, "cnf", hidden=(12,), flow_hidden=(8, 8))
+    assert (low.config()["flow_context"], low.config()["flow_context_net"]) == ("film", True)
+    assert (high.config()["flow_context"], high.config()["flow_context_net"]) == ("concat", False)
+    field = low.posterior.flow.field
+    assert isinstance(field.embedding, torch.nn.Sequential) and field.embedding[0].in_features == 12  # h is 12-D
+    # h(x) reaches the field only through the network: its 8 features, not h, feed the FiLM layers
+    assert field.context_layers[0].in_features == 8 and high.posterior.flow.field.context_layers[0].in_features == 12
+    rebuilt = VAE.from_config(low.config())
+    assert rebuilt.config() == low.config()
+    rebuilt.load_state_dict(low.state_dict())  # the same parameters, network included
+    x = torch.bernoulli(torch.full((3, 16), 0.5))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = low.elbo(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(rebuilt.elbo(x), expected)
+    # a checkpoint saved before the option has no network, whatever its latent size
+    old = VAE.from_config({k: v for k, v in low.config().items() if k != "flow_context_net"})
+    assert old.posterior.flow.field.embedding is None
+    explicit = VAE(16, 2, "cnf", hidden=(8,), flow_hidden=(8,), flow_context="concat", flow_context_net=False)
+    assert explicit.posterior.flow.field.embedding is None and explicit.posterior.context_mode == "concat"
+    with pytest.raises(TypeError, match="context_net must be True or False, got 'yes'"):
+        VAE(16, 2, "cnf", flow_context_net="yes")
 
 
 def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_path, capsys) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from cnf.data import check_batch
 from cnf.fields.mlp import ACTIVATIONS, CONTEXT_MODES
+from cnf.recipes import vae_flow_context
 from cnf.solver import Solver, SolveStats
 from cnf.vae.posteriors import CNF_INIT_SCALE, POSTERIORS, Posterior, standard_normal_log_prob
 
@@ -94,7 +95,11 @@ class VAE(nn.Module):
         flow_hidden: hidden widths of the posterior flow (CNF field, planar context net, MADEs).
         layers: planar layers K (default 16) or IAF transforms.
         solver: the CNF posterior's solver.
-        flow_context: how h(x) conditions the CNF posterior's field, ``concat`` or ``film``.
+        flow_context: how h(x) conditions the CNF posterior's field, ``concat`` or ``film``;
+            None: :func:`cnf.recipes.vae_flow_context` for ``latent_dim`` (film up to 2-D).
+        flow_context_net: the CNF posterior's field reads h(x) through a context network
+            (:func:`cnf.vae.posteriors.context_network`); None: the recipe's, as for
+            ``flow_context``. Checkpoints saved before this option rebuild without it.
         flow_activation: the CNF posterior's field activation (default tanh; checkpoints saved
             before this option rebuild with softplus, the activation they were trained with).
         flow_init_scale: the CNF posterior field's initial velocity relative to PyTorch's default
@@ -117,7 +122,8 @@ class VAE(nn.Module):
         flow_hidden: Sequence[int] = (64, 64),
         layers: int = 16,
         solver: Solver | None = None,
-        flow_context: str = "concat",
+        flow_context: str | None = None,
+        flow_context_net: bool | None = None,
         flow_activation: str = "tanh",
         flow_init_scale: float = CNF_INIT_SCALE,
         score_samples: int = 1,
@@ -129,6 +135,9 @@ class VAE(nn.Module):
         self.latent_dim = _check_positive_int("latent_dim", latent_dim)
         self.hidden = tuple(hidden)
         self.score_samples = _check_positive_int("score_samples", score_samples)
+        recipe = vae_flow_context(self.latent_dim)
+        flow_context = recipe["flow_context"] if flow_context is None else flow_context
+        flow_context_net = recipe["flow_context_net"] if flow_context_net is None else flow_context_net
         if flow_context not in CONTEXT_MODES:
             raise ValueError(f"unknown flow_context {flow_context!r}; choose one of {CONTEXT_MODES}")
         if flow_activation not in ACTIVATIONS:
@@ -156,6 +165,7 @@ class VAE(nn.Module):
                 hidden=tuple(flow_hidden),
                 solver=solver,
                 context_mode=flow_context,
+                context_net=flow_context_net,
                 activation=flow_activation,
                 init_scale=flow_init_scale,
             )
@@ -278,6 +288,7 @@ class VAE(nn.Module):
             "layers": posterior["layers"],
             "solver": posterior["solver"],
             "flow_context": posterior["context_mode"],
+            "flow_context_net": posterior["context_net"],
             "flow_activation": posterior["activation"],
             "score_samples": self.score_samples,
         }
@@ -294,6 +305,7 @@ class VAE(nn.Module):
             layers=config["layers"],
             solver=solver,
             flow_context=config.get("flow_context", "concat"),
+            flow_context_net=config.get("flow_context_net", False),  # none before the option
             flow_activation=config.get("flow_activation", "softplus"),  # the activation before the option
             score_samples=config.get("score_samples", 1),
         )

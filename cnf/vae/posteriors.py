@@ -57,6 +57,15 @@ def scale_output(field: MLPField, scale: float) -> None:
             field.context_layers[-1].weight.mul_(scale)
 
 
+def context_network(context_dim: int, hidden: tuple[int, ...]) -> nn.Sequential:
+    """h(x) -> features the CNF posterior's field reads: Linear + tanh per width of ``hidden``
+    (the shape of :class:`cnf.ConditionalPlanarFlow`'s context network without its head)."""
+    modules: list[nn.Module] = []
+    for a, b in zip((context_dim, *hidden[:-1]), hidden):
+        modules += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*modules)
+
+
 def standard_normal_log_prob(eps: torch.Tensor) -> torch.Tensor:
     """log N(eps; 0, I) summed over the last axis."""
     return -0.5 * (eps * eps).sum(-1) - 0.5 * eps.shape[-1] * _LOG_2PI
@@ -112,6 +121,9 @@ class Posterior(nn.Module):
         solver: the CNF's solver (default dopri5, rtol = atol = 1e-5).
         context_mode: how h(x) enters the CNF's field: ``concat`` (a per-sample bias of every
             layer) or ``film`` (a per-sample scale and shift of every hidden layer).
+        context_net: the CNF field reads h(x) through a tanh network of the ``hidden`` widths (an
+            ``embedding`` of :class:`cnf.MLPField`), as planar's (u, w, b) come from h(x) through
+            one; False: the field's layers read h(x) itself.
         activation: the CNF field's activation (default tanh, as the real-data recipes; on the
             2-D-latent digits example at initial scale 1, mean KL(q || p(z | x)) over four seeds
             and the four drawn images: softplus 0.280, tanh 0.089; Fashion-MNIST IWAE over the
@@ -131,6 +143,7 @@ class Posterior(nn.Module):
         hidden: tuple[int, ...] = (64, 64),
         solver: Solver | None = None,
         context_mode: str = "concat",
+        context_net: bool = False,
         activation: str = "tanh",
         init_scale: float = CNF_INIT_SCALE,
         flow: nn.Module | None = None,
@@ -144,6 +157,9 @@ class Posterior(nn.Module):
         self.layers = layers
         self.hidden = tuple(hidden)
         self.context_mode = context_mode
+        if not isinstance(context_net, bool):
+            raise TypeError(f"context_net must be True or False, got {context_net!r}")
+        self.context_net = context_net
         self.activation = activation
         if not (isinstance(init_scale, (int, float)) and not isinstance(init_scale, bool) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
@@ -159,7 +175,11 @@ class Posterior(nn.Module):
         if family == "planar":
             return ConditionalPlanarFlow(d, self.layers, c, hidden=self.hidden)
         if family == "cnf":
-            field = MLPField(d, hidden=self.hidden, activation=self.activation, context_dim=c, context_mode=self.context_mode)
+            embedding = context_network(c, self.hidden) if self.context_net else None
+            field = MLPField(
+                d, hidden=self.hidden, activation=self.activation, context_dim=c, context_mode=self.context_mode,
+                embedding=embedding,
+            )  # fmt: skip
             scale_output(field, self.init_scale)
             return CNF(field, solver=solver or Solver())
         return ZukoIAF(d, c, transforms=self.layers, hidden=self.hidden)
@@ -213,5 +233,6 @@ class Posterior(nn.Module):
             "hidden": list(self.hidden),
             "solver": solver,
             "context_mode": self.context_mode,
+            "context_net": self.context_net,
             "activation": self.activation,
         }
