@@ -13,7 +13,7 @@ copy of the UCI digits, CC BY 4.0) for the same number of steps (capped in secon
   ranking than the few drawn, split into the family's approximation gap (the KL left when each
   image's q is refined on its own) and the encoder's amortisation gap (Cremer et al. 2018).
 
-    python examples/vae.py           # about 6 minutes on 2 CPU cores
+    python examples/vae.py           # about 7 minutes on one core
     python examples/vae.py --quick   # a few seconds
 """
 
