@@ -791,8 +791,13 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**vae_settings(run["data"], data.train.shape[1], time_limit=time_limit), **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
+    posterior = vae.posterior
+    context = ""
+    if posterior.family == "cnf":
+        way = "by FiLM" if posterior.context_mode == "film" else "as a bias of every layer"
+        context = f", h(x) {way}{' through a context network' if posterior.context_net else ''}"
     print(
-        f"training a VAE ({vae.posterior.family} posterior, {vae.latent_dim}-D latent, encoder and decoder "
+        f"training a VAE ({posterior.family} posterior{context}, {vae.latent_dim}-D latent, encoder and decoder "
         f"{'-'.join(map(str, vae.hidden))}) on {run['data']}: {settings.describe()}{warmup}"
     )
     result = train(vae, data.train, data.val, settings=settings, out=out, resume=resume, threads=args.threads,

@@ -284,7 +284,8 @@ def test_cli_trains_and_evaluates_a_vae(tmp_path, capsys) -> None:
             "--hidden", "16", "--flow-hidden", "8", "--latent-dim", "2", "--kl-warmup", "2", "--rtol", "1e-3",
             "--atol", "1e-3", "--iwae-samples", "4", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    assert "training a VAE (cnf posterior, 2-D latent, encoder and decoder 16) on digits: elbo with" in capsys.readouterr().out
+    said = "training a VAE (cnf posterior, h(x) by FiLM through a context network, 2-D latent, encoder and decoder 16)"
+    assert said + " on digits: elbo with" in capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["posterior"] == "cnf" and summary["steps"] == 3 and summary["test_k"] == 4
     assert summary["test_iwae"] < 0 and summary["test_elbo_two_se"] > 0
