@@ -360,6 +360,19 @@ def test_film_cnf_posterior_round_trips_through_its_config() -> None:
         VAE(16, 2, "cnf", flow_context="bias")
 
 
+def assert_round_trips(vae: VAE) -> None:
+    """The VAE rebuilt from its config takes its weights and gives the same ELBO on the same draws."""
+    rebuilt = VAE.from_config(vae.config())
+    assert rebuilt.config() == vae.config()
+    rebuilt.load_state_dict(vae.state_dict())
+    x = torch.bernoulli(torch.full((3, vae.dim), 0.5))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expected = vae.elbo(x)
+        torch.manual_seed(0)
+        torch.testing.assert_close(rebuilt.elbo(x), expected)
+
+
 def test_cnf_posterior_context_follows_the_latent_size_recipe_and_round_trips() -> None:
     low, high = VAE(16, 2, "cnf", hidden=(12,), flow_hidden=(8, 8)), VAE(16, 3, "cnf", hidden=(12,), flow_hidden=(8, 8))
     assert (low.config()["flow_context"], low.config()["flow_context_net"]) == ("film", True)
@@ -368,15 +381,7 @@ def test_cnf_posterior_context_follows_the_latent_size_recipe_and_round_trips() 
     assert isinstance(field.embedding, torch.nn.Sequential) and field.embedding[0].in_features == 12  # h is 12-D
     # h(x) reaches the field only through the network: its 8 features, not h, feed the FiLM layers
     assert field.context_layers[0].in_features == 8 and high.posterior.flow.field.context_layers[0].in_features == 12
-    rebuilt = VAE.from_config(low.config())
-    assert rebuilt.config() == low.config()
-    rebuilt.load_state_dict(low.state_dict())  # the same parameters, network included
-    x = torch.bernoulli(torch.full((3, 16), 0.5))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        expected = low.elbo(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(rebuilt.elbo(x), expected)
+    assert_round_trips(low)  # the same parameters, network included
     # a checkpoint saved before the option has no network, whatever its latent size
     old = VAE.from_config({k: v for k, v in low.config().items() if k != "flow_context_net"})
     assert old.posterior.flow.field.embedding is None
@@ -391,15 +396,7 @@ def test_cnf_posterior_activation_is_tanh_and_old_checkpoints_keep_softplus(tmp_
 
     vae = VAE(16, 2, "cnf", hidden=(8,), flow_hidden=(8,))
     assert vae.posterior.flow.field.activation_name == "tanh" and vae.config()["flow_activation"] == "tanh"
-    rebuilt = VAE.from_config(vae.config())
-    assert rebuilt.config() == vae.config()
-    rebuilt.load_state_dict(vae.state_dict())
-    x = torch.bernoulli(torch.full((3, 16), 0.5))
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        expected = vae.elbo(x)
-        torch.manual_seed(0)
-        torch.testing.assert_close(rebuilt.elbo(x), expected)
+    assert_round_trips(vae)
     # a configuration saved before the option rebuilds the softplus field it was trained with
     old = VAE.from_config({k: v for k, v in vae.config().items() if k != "flow_activation"})
     assert old.posterior.flow.field.activation_name == "softplus"
