@@ -93,7 +93,7 @@ VAE_DATA_RECIPES: dict[str, dict[str, Any]] = {
 #: Latent sizes up to this one read h(x) into the CNF posterior's field by FiLM through a context
 #: network (:func:`vae_flow_context`). On the 2-D-latent digits example (examples/vae.py, seeds 0-3,
 #: mean KL(q || p(z | x)) over 180 test images) h as a bias of every layer gave 0.177, FiLM 0.153 and
-#: 0.104 on seeds 2 and 3 (bias: 0.209, 0.227), FiLM through the network 0.106 over the four seeds;
+#: 0.104 on seeds 2 and 3 (bias: 0.209, 0.227), FiLM through the network 0.108 over the four seeds;
 #: on Fashion-MNIST (16-D latent, 600 steps) the same change cost 2.2 nats of IWAE and on the digits
 #: (8-D, 1,500 steps) it gained nothing (0.04 +- 0.07 nats over the Gaussian against 0.09 +- 0.06;
 #: README, "VAE posteriors"), so larger latents keep the bias.
