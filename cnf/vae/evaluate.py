@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cnf.vae.model import VAE
+from cnf.vae.model import VAE, _check_positive_int
 
 
 def mean_and_two_se(values: torch.Tensor) -> tuple[float, float]:
@@ -185,9 +185,8 @@ def refine_encoding(
     maximise that image's own ELBO, with the decoder and the posterior's flow fixed. The refined
     q(z | x) is the family's best fit to one image without amortisation (the "local" posterior of
     Cremer, Li & Duvenaud 2018, "Inference suboptimality in variational autoencoders")."""
-    for name, value in (("steps", steps), ("samples", samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive_int("steps", steps)
+    _check_positive_int("samples", samples)
     if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     was_training = vae.training
