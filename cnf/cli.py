@@ -50,7 +50,6 @@ from cnf.recipes import (
     exact_evaluation,
     model_recipe,
     recipe,
-    vae_flow_context,
     vae_settings,
 )
 from cnf.solver import Solver
@@ -776,9 +775,6 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
         run = {"data": args.data, "seed": 0 if args.seed is None else args.seed, "n_train": args.n_train}
         defaults = {**VAE_DEFAULTS, **data_recipe.get("model", {})}
         run.update({k: getattr(args, k) if getattr(args, k) is not None else v for k, v in defaults.items()})
-        # how h(x) enters a CNF posterior, by latent size (film through a network up to 2-D)
-        context_recipe = vae_flow_context(run["latent_dim"])
-        run.update({k: v if run[k] is None else run[k] for k, v in context_recipe.items()})
         out = Path(args.out) if args.out is not None else Path("runs/default")
         check_posterior_flags(args, run["posterior"])
     if run.get("data") not in BINARIZED_DATASETS:
@@ -788,6 +784,8 @@ def cmd_train_vae(args: argparse.Namespace, resume: Path | None) -> int:
     data = load_binarized(run["data"], seed=run["seed"], n_train=run.get("n_train"))
     if resume is None:
         vae = new_vae(args, run, data.train.shape[1], data_recipe.get("posterior_tol", 1e-5))
+        # the run records how h(x) enters the posterior, as the VAE resolved it (cnf.recipes.vae_flow_context)
+        run.update(flow_context=vae.posterior.context_mode, flow_context_net=vae.posterior.context_net)
         time_limit = args.time_limit if args.time_limit is not None else DEFAULT_TIME_LIMIT
         settings = TrainSettings(**{**vae_settings(run["data"], data.train.shape[1], time_limit=time_limit), **given})
     warmup = f", KL warm-up over {settings.kl_warmup} steps" if settings.kl_warmup else ""
