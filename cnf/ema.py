@@ -28,8 +28,7 @@ class ExponentialMovingAverage:
         current = module.state_dict()
         floats = [k for k, v in self.shadow.items() if v.is_floating_point()]
         shadow = [self.shadow[k] for k in floats]
-        torch._foreach_mul_(shadow, d)
-        torch._foreach_add_(shadow, [current[k].detach() for k in floats], alpha=1 - d)
+        torch._foreach_lerp_(shadow, [current[k].detach() for k in floats], 1 - d)  # d ema + (1 - d) w
         for key, value in self.shadow.items():
             if not value.is_floating_point():
                 value.copy_(current[key])

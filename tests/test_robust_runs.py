@@ -105,6 +105,28 @@ def test_ema_and_best_weights_are_kept_and_resume_exactly(tmp_path: Path) -> Non
     assert all(torch.equal(v, straight.state_dict()[k]) for k, v in split.state_dict().items())
 
 
+def test_ema_update_is_the_warmed_up_average_by_hand() -> None:
+    """ema <- d ema + (1 - d) w with d_n = min(decay, (1 + n) / (10 + n)), float entries only."""
+    from cnf.ema import ExponentialMovingAverage
+
+    module = torch.nn.Linear(3, 2).double()
+    module.register_buffer("count", torch.tensor(0))
+    expected = {k: v.clone() for k, v in module.state_dict().items()}
+    ema = ExponentialMovingAverage(module, decay=0.5)
+    for n in range(1, 4):
+        with torch.no_grad():
+            module.weight.add_(n)
+            module.bias.mul_(-2.0)
+            module.count += 1
+        d = min(0.5, (1 + n) / (10 + n))
+        for key, value in module.state_dict().items():
+            expected[key] = d * expected[key] + (1 - d) * value if value.is_floating_point() else value.clone()
+        ema.update(module)
+        for key, value in expected.items():
+            assert torch.allclose(ema.shadow[key], value, rtol=0, atol=1e-12), (n, key)
+    assert ema.shadow["count"].item() == 3 and ema.updates == 3
+
+
 def test_threads_are_chosen_logged_and_restored() -> None:
     data = sample_toy("moons", 200, seed=0)
     before = torch.get_num_threads()
@@ -231,6 +253,8 @@ def test_non_finite_gradients_stop_training_and_keep_the_checkpoint(tmp_path: Pa
     assert _all_finite([]) and _all_finite([torch.zeros(3), torch.ones(2, 2)])
     assert not _all_finite([torch.zeros(3), torch.tensor([[1.0, float("inf")]])])
     assert not _all_finite([torch.tensor([float("nan")]), torch.zeros(2)])
+    huge = torch.full((4,), 3e38)  # finite, but its 2-norm overflows: the entries decide
+    assert not torch.isfinite(torch.linalg.vector_norm(huge)) and _all_finite([torch.zeros(3), huge])
     torch.manual_seed(0)
     flow = cnf.CNF(cnf.MLPField(2, hidden=(8,)))
     last = list(flow.parameters())[-1]
