@@ -126,6 +126,8 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     # wider fields (NSF on galaxies has 546k parameters, the default field 206k)
     "cnf-default-384x4": {"hidden": (384, 384, 384, 384)},
     "cnf-default-512x4": {"hidden": (512, 512, 512, 512)},
+    # OT pairs the whole batch of 256 (the recipe before 2026-12-08 on large continuous tables)
+    "cnf-default-ot256": {"ot_batch_size": None},
 }
 BASELINES = ("gaussian", "gmm", "kde")
 #: Seconds of training between two validations by default (``--evals`` = budget / this, >= 8): with
@@ -286,7 +288,7 @@ def build_flow(
         k: recipe[k]
         for k in (
             "lr", "batch_size", "objective", "kinetic_weight", "jacobian_weight", "time_exponent",
-            "likelihood_finetune", "finetune_lr",
+            "likelihood_finetune", "finetune_lr", "ot_batch_size",
         )
         if k in recipe
     }  # fmt: skip
@@ -305,7 +307,10 @@ def default_recipe(
     solver = {k: model[k] for k in ("method", "rtol", "atol")}
     options = {
         k: settings[k]
-        for k in ("lr", "batch_size", "kinetic_weight", "jacobian_weight", "time_exponent", "likelihood_finetune")
+        for k in (
+            "lr", "batch_size", "kinetic_weight", "jacobian_weight", "time_exponent", "likelihood_finetune",
+            "ot_batch_size",
+        )  # fmt: skip
         if k in settings
     }
     return {

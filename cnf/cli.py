@@ -107,6 +107,7 @@ TRAIN_FLAGS = (
     "jacobian_weight",
     "sigma_min",
     "time_exponent",
+    "ot_batch_size",
     "likelihood_finetune",
     "finetune_lr",
     "finetune_divergence",
@@ -329,7 +330,7 @@ VAE_ONLY_FLAGS = ("posterior", "latent_dim", "flow_hidden", "flow_context", "flo
 #: Flags of flows that a VAE would ignore: it trains by the ELBO on binarised images, and its CNF
 #: posterior's log-density is exact (no Hutchinson probe).
 FLOW_ONLY_FLAGS = (
-    "divergence", "noise", "sigma_min", "time_exponent", "likelihood_finetune", "finetune_lr",
+    "divergence", "noise", "sigma_min", "time_exponent", "ot_batch_size", "likelihood_finetune", "finetune_lr",
     "finetune_divergence", "kinetic_weight", "jacobian_weight", "preprocess", "levels", "alpha", "context_columns",
 )  # fmt: skip
 
@@ -1303,6 +1304,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--time-exponent", type=positive_float, default=None, metavar="K",
         help="flow matching: training times t = 1 - (1 - u)^K, u uniform (1: uniform; the real-data "
         "recipe's default is printed before training)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ot-batch-size", type=positive_int, default=None, metavar="M",
+        help="OT flow matching: pair base and data points within groups of M rows of each batch "
+        "(OT-CFM's minibatch of M; default the whole batch, or the recipe's, printed before training)",
     )  # fmt: skip
     p.add_argument(
         "--preprocess",

@@ -285,7 +285,9 @@ def gather_rows(local: torch.Tensor, world_size: int) -> torch.Tensor:
     return torch.cat(gathered).to(local.device)
 
 
-def global_ot_pairing(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+def global_ot_pairing(
+    x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None = None, ot_batch_size: int | None = None
+) -> torch.Tensor:
     """The base points paired with this rank's data by ONE optimal assignment on the global batch.
 
     Every rank's base draws ``x0`` and data ``x1`` (b rows each, equal on all ranks) are gathered
@@ -293,11 +295,11 @@ def global_ot_pairing(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor 
     (:func:`cnf.losses.ot_pairing_within_contexts`, within groups of equal context) and broadcasts
     it; this rank returns the x0 rows paired with its own x1, shape (b, ...). Without a process group
     it is the single-process pairing. Gradients do not flow through the pairing (it is a choice of
-    noise)."""
+    noise). ``ot_batch_size`` m: pairs within groups of m consecutive rows of the global batch."""
     from cnf.losses import ot_pairing_within_contexts
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x0[ot_pairing_within_contexts(x0, x1, context)]
+        return x0[ot_pairing_within_contexts(x0, x1, context, ot_batch_size)]
     world, rank, b = dist.get_world_size(), dist.get_rank(), x1.shape[0]
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
@@ -309,7 +311,7 @@ def global_ot_pairing(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor 
         all_context = context if context.shape[0] == 1 else gather_rows(context, world)
     device = _collective_device()
     if rank == 0:
-        perm = ot_pairing_within_contexts(all_x0, all_x1, all_context).to(device)
+        perm = ot_pairing_within_contexts(all_x0, all_x1, all_context, ot_batch_size).to(device)
     else:
         perm = torch.empty(world * b, dtype=torch.int64, device=device)
     dist.broadcast(perm, src=0)

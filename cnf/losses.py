@@ -6,7 +6,9 @@
 - ``flow_matching``: conditional flow matching on the linear (optimal-transport) path with a
   small ``sigma_min`` (Lipman et al. 2023), base and data samples drawn independently.
 - ``ot_flow_matching``: the same loss with base and data samples paired per batch by an exact
-  optimal assignment on squared distances (OT-CFM, Tong et al. 2023).
+  optimal assignment on squared distances (OT-CFM, Tong et al. 2023); ``ot_batch_size`` m pairs
+  within consecutive groups of m rows of the batch instead (OT-CFM's minibatch of m, for a
+  cheaper assignment inside a larger gradient batch).
 
 Every loss takes ``context=`` for a conditional flow p(x | c): c of shape (k,) or (batch, k),
 the batch's contexts. OT pairing then happens only within groups of equal context
@@ -114,15 +116,16 @@ def conditional_path(
     return xt, ut
 
 
-def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+def ot_pairing(x0: torch.Tensor, x1: torch.Tensor, ot_batch_size: int | None = None) -> torch.Tensor:
     """Indices ``perm`` such that pairing x0[perm[i]] with x1[i] minimises sum ||x0 - x1||^2.
 
     Exact assignment on squared Euclidean distances (``scipy.optimize.linear_sum_assignment``),
     the minibatch OT coupling of OT-CFM (Tong et al. 2023). Both batches have n rows.
+    ``ot_batch_size`` m: the minimum within each group of m consecutive rows (:func:`assignment`).
     """
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
-    return torch.from_numpy(assignment(squared_distances(x0, x1))).to(x0.device)
+    return torch.from_numpy(assignment(squared_distances(x0, x1), ot_batch_size)).to(x0.device)
 
 
 def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
@@ -130,13 +133,31 @@ def squared_distances(x0: torch.Tensor, x1: torch.Tensor) -> np.ndarray:
     return torch.cdist(x1.detach().flatten(1).double(), x0.detach().flatten(1).double()).pow(2).cpu().numpy()
 
 
-def assignment(cost: np.ndarray) -> np.ndarray:
+def assignment(cost: np.ndarray, ot_batch_size: int | None = None) -> np.ndarray:
     """``perm`` with ``perm[i]`` the column assigned to row i at minimal total cost. SciPy's solver
-    releases the GIL, so several run in parallel threads (:mod:`cnf.pairings`)."""
-    rows, cols = linear_sum_assignment(cost)
-    perm = np.empty(cost.shape[0], dtype=np.int64)
-    perm[rows] = cols
+    releases the GIL, so several run in parallel threads (:mod:`cnf.pairings`).
+
+    ``ot_batch_size`` m: rows and columns are cut into consecutive groups of m (the last one
+    smaller when m does not divide n) and each diagonal block is solved alone, rows of a group
+    paired with columns of the same group: the OT coupling of minibatches of m, at a cost of
+    O(n m^2) instead of O(n^3). Batches are random draws, so the groups are random subsets."""
+    n = cost.shape[0]
+    m = n if ot_batch_size is None else check_ot_batch_size(ot_batch_size)
+    perm = np.empty(n, dtype=np.int64)
+    for start in range(0, n, m):
+        block = slice(start, min(start + m, n))
+        rows, cols = linear_sum_assignment(cost[block, block])
+        perm[start + rows] = start + cols
     return perm
+
+
+def check_ot_batch_size(ot_batch_size: int | None) -> int | None:
+    """``ot_batch_size``: a positive int (rows per OT group) or None (the whole batch)."""
+    if ot_batch_size is None:
+        return None
+    if isinstance(ot_batch_size, bool) or not isinstance(ot_batch_size, int) or ot_batch_size < 1:
+        raise ValueError(f"ot_batch_size must be a positive int or None (the whole batch), got {ot_batch_size!r}")
+    return ot_batch_size
 
 
 def context_groups(context: torch.Tensor | None, n: int) -> list[torch.Tensor] | None:
@@ -151,20 +172,23 @@ def context_groups(context: torch.Tensor | None, n: int) -> list[torch.Tensor] |
     return [r for r in rows if r.numel() > 1]
 
 
-def ot_pairing_within_contexts(x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+def ot_pairing_within_contexts(
+    x0: torch.Tensor, x1: torch.Tensor, context: torch.Tensor | None, ot_batch_size: int | None = None
+) -> torch.Tensor:
     """:func:`ot_pairing` restricted to rows of equal context: ``perm`` permutes x0 only inside
     each group of identical context rows, so x0 stays independent of c.
 
     Pairing across contexts would make x0 depend on c (x0 near the data of its own context) and
     bias the learnt p(x | c). Discrete labels form groups; continuous contexts, all distinct,
     form singletons, which is the independent coupling. ``context`` (n, k), or (1, k) / None for
-    one context shared by the batch (one group)."""
+    one context shared by the batch (one group). ``ot_batch_size``: see :func:`assignment`,
+    applied within each group."""
     groups = context_groups(context, x1.shape[0])
     if groups is None:
-        return ot_pairing(x0, x1)
+        return ot_pairing(x0, x1, ot_batch_size)
     perm = torch.arange(x1.shape[0], device=x0.device)
     for rows in groups:
-        perm[rows] = rows[ot_pairing(x0[rows], x1[rows])]
+        perm[rows] = rows[ot_pairing(x0[rows], x1[rows], ot_batch_size)]
     return perm
 
 
@@ -224,6 +248,7 @@ def flow_matching_loss(
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
     pairing: Pairing | None = None,
+    ot_batch_size: int | None = None,
 ) -> torch.Tensor:
     """Conditional flow-matching loss E ||u_theta(x_t, t) - u_t||^2 (Lipman et al. 2023).
 
@@ -234,16 +259,23 @@ def flow_matching_loss(
     with a per-sample time tensor of shape (batch,) (and the context). ``pairing(x0, x1, context)``
     replaces the OT pairing, returning the paired x0 (several processes pass
     :func:`cnf.distributed.global_ot_pairing`: one assignment on the global batch).
+    ``ot_batch_size`` m pairs within groups of m consecutive rows (:func:`assignment`); a
+    ``pairing`` given with it must pair the same way (cnf.train builds it so).
     """
     if coupling not in COUPLINGS:
         raise ValueError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
+    if check_ot_batch_size(ot_batch_size) is not None and coupling != "ot":
+        raise ValueError(f"ot_batch_size={ot_batch_size!r} applies only to coupling='ot', got coupling={coupling!r}")
     sigma_min = _check_sigma_min(sigma_min)
     time_exponent = _check_time_exponent(time_exponent)
     flow, batch, x0 = matching_draws(flow, batch, generator)
     field, n = flow.field, batch.shape[0]
     context = check_context(context, context_dim_of(flow), n, batch)
     if coupling == "ot":
-        x0 = x0[ot_pairing_within_contexts(x0, batch, context)] if pairing is None else pairing(x0, batch, context)
+        if pairing is None:
+            x0 = x0[ot_pairing_within_contexts(x0, batch, context, ot_batch_size)]
+        else:
+            x0 = pairing(x0, batch, context)
     t = training_times(n, time_exponent, dtype=batch.dtype, device=batch.device, generator=generator)
     xt, ut = conditional_path(x0, batch, t, sigma_min)
     flow.stats = SolveStats(nfe_forward=1, solve="flow_matching")
@@ -263,8 +295,10 @@ def ot_flow_matching_loss(
     generator: torch.Generator | None = None,
     context: torch.Tensor | None = None,
     pairing: Pairing | None = None,
+    ot_batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Flow matching with the minibatch optimal-transport coupling (OT-CFM, Tong et al. 2023)."""
+    """Flow matching with the minibatch optimal-transport coupling (OT-CFM, Tong et al. 2023);
+    ``ot_batch_size`` m solves it within groups of m rows of the batch (:func:`assignment`)."""
     return flow_matching_loss(
         flow,
         batch,
@@ -274,6 +308,7 @@ def ot_flow_matching_loss(
         generator=generator,
         context=context,
         pairing=pairing,
+        ot_batch_size=ot_batch_size,
     )
 
 
@@ -325,12 +360,14 @@ def make_objective(
     jacobian_weight: float = 0.0,
     sigma_min: float = DEFAULT_SIGMA_MIN,
     time_exponent: float = DEFAULT_TIME_EXPONENT,
+    ot_batch_size: int | None = None,
 ) -> Loss:
     """``loss(flow, batch)`` for ``objective`` with its options bound and checked.
 
     Regulariser weights only apply to ``likelihood`` (flow matching has no solve to integrate
     them along): a non-zero weight with another objective is a ValueError, as is a
-    ``time_exponent`` other than 1 outside flow matching.
+    ``time_exponent`` other than 1 outside flow matching and an ``ot_batch_size`` outside
+    ``ot_flow_matching``.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {tuple(OBJECTIVES)}")
@@ -338,6 +375,11 @@ def make_objective(
     jacobian_weight = check_weight("jacobian_weight", jacobian_weight)
     sigma_min = _check_sigma_min(sigma_min)
     time_exponent = _check_time_exponent(time_exponent)
+    if check_ot_batch_size(ot_batch_size) is not None and objective != "ot_flow_matching":
+        raise ValueError(
+            f"ot_batch_size={ot_batch_size!r} applies only to objective='ot_flow_matching' (the size "
+            f"of its OT groups), got objective={objective!r}"
+        )
     if time_exponent != DEFAULT_TIME_EXPONENT and objective not in ("flow_matching", "ot_flow_matching"):
         raise ValueError(
             f"time_exponent={time_exponent!r} applies only to flow matching (the draw of its training "
@@ -352,4 +394,5 @@ def make_objective(
         )
     if objective == "elbo":
         return elbo_loss
-    return functools.partial(OBJECTIVES[objective], sigma_min=sigma_min, time_exponent=time_exponent)
+    options = {"ot_batch_size": ot_batch_size} if ot_batch_size is not None else {}
+    return functools.partial(OBJECTIVES[objective], sigma_min=sigma_min, time_exponent=time_exponent, **options)

@@ -81,7 +81,7 @@ class PairingsAhead:
 
     ``rows(step)`` are the step's minibatch indices into this rank's ``data``;
     ``loss_kwargs(step)`` hands the loss the step's generator and a ``pairing`` that returns the
-    x0 rows paired with the step's x1. Steps go in blocks of ``world_size * threads``; when the
+    x0 rows paired with the step's x1 (within groups of ``ot_batch_size`` rows when it is set). Steps go in blocks of ``world_size * threads``; when the
     first step of a block asks for its pairing, the block's assignments are collected (solved in
     the background since the previous block began) and the next block's are started. Every
     rank must ask for the same steps in the same order (the training loop's lockstep does that):
@@ -98,8 +98,10 @@ class PairingsAhead:
         seed: int,
         cluster: Cluster,
         threads: int,
+        ot_batch_size: int | None = None,
     ) -> None:
         self.flow, self.data, self.context = flow, data, context
+        self.ot_batch_size = ot_batch_size  # OT within groups of this many rows (cnf.losses.assignment)
         self.batch_size, self.seed, self.cluster = batch_size, seed, cluster
         self.threads = max(1, int(threads))
         self.block = cluster.world_size * self.threads
@@ -174,7 +176,8 @@ class PairingsAhead:
             for rows in [None] if groups is None else groups:
                 x0, x1 = (x0s[k], x1s[k]) if rows is None else (x0s[k][rows], x1s[k][rows])
                 cost = squared_distances(x0, x1)
-                tasks.append((k, rows, assignment(cost) if self._pool is None else self._pool.submit(assignment, cost)))
+                solve = functools.partial(assignment, cost, self.ot_batch_size)
+                tasks.append((k, rows, solve() if self._pool is None else self._pool.submit(solve)))
         return _Block(first, x0s, tasks)
 
     def _finish(self, block: _Block) -> None:

@@ -107,7 +107,8 @@ class TrainSettings:
     ``objective`` is ``likelihood`` (maximum likelihood; with ``kinetic_weight`` /
     ``jacobian_weight`` > 0 it is RNODE, Finlay et al. 2020), ``flow_matching`` or
     ``ot_flow_matching`` (no ODE solve per step; ``sigma_min`` of the path, ``time_exponent`` k of
-    its training times t ~ Beta(1, 1/k)), see
+    its training times t ~ Beta(1, 1/k), ``ot_batch_size`` m: OT pairs within groups of m rows of
+    each batch, None: the whole batch), see
     :mod:`cnf.losses`. ``iters=None`` means no step cap (then ``time_limit`` is required).
     ``ema_decay`` keeps an exponential moving average of the weights, which is validated,
     checkpointed and left in the flow at the end. :func:`cnf.recipes.recipe` gives the
@@ -145,6 +146,7 @@ class TrainSettings:
     likelihood_finetune: float = 0.0
     finetune_lr: float = DEFAULT_FINETUNE_LR
     finetune_divergence: str = "hutchinson"
+    ot_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self._check_vae_options()
@@ -207,6 +209,7 @@ class TrainSettings:
             f"{self.objective} with lr {self.lr:g}, batch {self.batch_size}, {self.lr_schedule} schedule"
             + (f", EMA {self.ema_decay:g}" if self.ema_decay else "")
             + (f", times t ~ Beta(1, 1/{self.time_exponent:g})" if self.time_exponent != DEFAULT_TIME_EXPONENT else "")
+            + (f", OT pairing within groups of {self.ot_batch_size}" if self.ot_batch_size else "")
             + (
                 f", then maximum likelihood for the last {self.likelihood_finetune:.0%} at lr {self.finetune_lr:g} "
                 f"({self.finetune_divergence} divergence)"
@@ -273,6 +276,7 @@ class TrainSettings:
             jacobian_weight=self.jacobian_weight,
             sigma_min=self.sigma_min,
             time_exponent=self.time_exponent,
+            ot_batch_size=self.ot_batch_size,
         )
 
 
@@ -556,7 +560,8 @@ def _train_loop(
     pairs_ahead = settings.objective == "ot_flow_matching" and can_pair_ahead(flow)
     ot_collectives = cluster.distributed and settings.objective == "ot_flow_matching"  # the loss gathers
     if ot_collectives and not pairs_ahead:
-        loss_fn = functools.partial(loss_fn, pairing=global_ot_pairing)  # one assignment, global batch
+        pairing = functools.partial(global_ot_pairing, ot_batch_size=settings.ot_batch_size)
+        loss_fn = functools.partial(loss_fn, pairing=pairing)  # one assignment, global batch
     # DDP around the loss; building it copies rank 0's weights to every rank (before the EMA copies them).
     step_loss = cluster.wrap_loss(flow, loss_fn)
     ema = ExponentialMovingAverage(flow, settings.ema_decay) if settings.ema_decay is not None else None
@@ -664,7 +669,9 @@ def _train_loop(
     # OT flow matching: each step draws from its own generators, and the assignments of the next
     # world_size * assignment_threads steps are solved ahead, in parallel (cnf.pairings).
     if pairs_ahead and not finetuning:
-        ahead = PairingsAhead(flow, data, context, batch_size, settings.seed, cluster, assignment_threads)
+        ahead = PairingsAhead(
+            flow, data, context, batch_size, settings.seed, cluster, assignment_threads, settings.ot_batch_size
+        )
     show_bar = _use_progress_bar(progress) and cluster.is_main
     bar = tqdm(total=settings.iters, initial=step, disable=not show_bar, unit="it")
     start = time.perf_counter() - elapsed

@@ -158,6 +158,45 @@ def test_ot_pairing_is_optimal_and_beats_random_pairing() -> None:
     assert paired < 0.5 * independent
 
 
+def test_ot_batch_size_solves_each_group_of_rows_alone() -> None:
+    """``ot_batch_size`` m: rows i and their partners stay in the same group of m consecutive rows
+    (the last group smaller), each group paired at its own minimum, found here by brute force."""
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(11, 2, dtype=torch.float64, generator=generator)
+    x1 = torch.randn(11, 2, dtype=torch.float64, generator=generator) + 0.5
+    perm = ot_pairing(x0, x1, ot_batch_size=4)
+    assert sorted(perm.tolist()) == list(range(11))
+    for start in (0, 4, 8):
+        rows = list(range(start, min(start + 4, 11)))
+        assert sorted(perm[rows].tolist()) == rows
+        cost = ((x0[perm[rows]] - x1[rows]) ** 2).sum()
+        brute = min(((x0[list(p)] - x1[rows]) ** 2).sum() for p in itertools.permutations(rows))
+        torch.testing.assert_close(cost, brute)
+    whole = ((x0[ot_pairing(x0, x1)] - x1) ** 2).sum()
+    assert whole < ((x0[perm] - x1) ** 2).sum()  # the groups' coupling is not the whole batch's
+    assert torch.equal(ot_pairing(x0, x1, ot_batch_size=11), ot_pairing(x0, x1))
+    assert torch.equal(ot_pairing(x0, x1, ot_batch_size=50), ot_pairing(x0, x1))
+    assert torch.equal(ot_pairing(x0, x1, ot_batch_size=1), torch.arange(11))
+    from cnf.distributed import global_ot_pairing  # without a process group: this process's pairing
+
+    assert torch.equal(global_ot_pairing(x0, x1, ot_batch_size=4), x0[perm])
+
+
+def test_ot_batch_size_errors_name_the_value() -> None:
+    with pytest.raises(ValueError, match="ot_batch_size must be a positive int or None .* got 0"):
+        ot_pairing(torch.zeros(3, 2), torch.zeros(3, 2), ot_batch_size=0)
+    with pytest.raises(ValueError, match="ot_batch_size must be a positive int or None .* got 2.5"):
+        make_objective("ot_flow_matching", ot_batch_size=2.5)
+    with pytest.raises(ValueError, match="ot_batch_size=64 applies only to objective='ot_flow_matching'"):
+        make_objective("flow_matching", ot_batch_size=64)
+    with pytest.raises(ValueError, match="ot_batch_size=64 applies only to objective='ot_flow_matching'"):
+        cnf.TrainSettings(objective="likelihood", ot_batch_size=64)
+    flow = cnf.CNF(cnf.MLPField(2, hidden=(8,)))
+    with pytest.raises(ValueError, match="ot_batch_size=8 applies only to coupling='ot'"):
+        flow_matching_loss(flow, torch.zeros(16, 2), ot_batch_size=8)
+    assert "OT pairing within groups of 64" in cnf.TrainSettings(objective="ot_flow_matching", ot_batch_size=64).describe()
+
+
 def test_ot_pairing_checks_shapes() -> None:
     with pytest.raises(ValueError, match=r"same shape, got \(3, 2\) and \(4, 2\)"):
         ot_pairing(torch.zeros(3, 2), torch.zeros(4, 2))

@@ -27,32 +27,32 @@ def small_flow() -> cnf.CNF:
     return cnf.CNF(cnf.MLPField(2, hidden=(16, 16)).double(), solver=cnf.Solver(method="rk4", step_size=0.25)).double()
 
 
-def assignment(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """x0 reordered to x1 by one exact assignment on this pair of draws alone. (Minibatch rows
-    are drawn with replacement, so repeated x1 rows make ties; the same solver on the same cost
-    matrix breaks them the same way.)"""
-    return x0[ot_pairing(x0, x1)]
+def assignment(x0: torch.Tensor, x1: torch.Tensor, ot_batch_size: int | None = None) -> torch.Tensor:
+    """x0 reordered to x1 by one exact assignment on this pair of draws alone (within groups of
+    ``ot_batch_size`` rows). (Minibatch rows are drawn with replacement, so repeated x1 rows make
+    ties; the same solver on the same cost matrix breaks them the same way.)"""
+    return x0[ot_pairing(x0, x1, ot_batch_size)]
 
 
-def expected_step(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expected_step(step: int, ot_batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Step ``step``'s batch, paired x0 and times, drawn here from the documented seeds."""
     rows = torch.randint(0, 200, (BATCH,), generator=step_generator(SEED, 0, step, ROW_STREAM))
     x1 = data()[rows]
     loss_generator = step_generator(SEED, 0, step, LOSS_STREAM)
     x0 = torch.randn(BATCH, 2, generator=loss_generator, dtype=torch.float64)
     t = torch.rand(BATCH, generator=loss_generator, dtype=torch.float64)
-    return x1, assignment(x0, x1), t
+    return x1, assignment(x0, x1, ot_batch_size), t
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_each_step_is_paired_by_its_own_assignment(threads: int) -> None:
+@pytest.mark.parametrize(("threads", "ot_batch_size"), [(1, None), (2, None), (3, None), (1, 10), (2, 8)])
+def test_each_step_is_paired_by_its_own_assignment(threads: int, ot_batch_size: int | None) -> None:
     """Whatever the block size (solved in the training thread, or ahead in 2 or 3 threads), step s
-    gets the x0 that one exact assignment on step s's own draws gives, and the loss equals the
-    loss on them."""
+    gets the x0 that one exact assignment on step s's own draws gives (within groups of
+    ``ot_batch_size`` rows when set), and the loss equals the loss on them."""
     flow = small_flow()
-    ahead = PairingsAhead(flow, data(), None, BATCH, SEED, Cluster(), threads)
+    ahead = PairingsAhead(flow, data(), None, BATCH, SEED, Cluster(), threads, ot_batch_size)
     for step in range(7):
-        x1, x0, t = expected_step(step)
+        x1, x0, t = expected_step(step, ot_batch_size)
         assert torch.equal(ahead.rows(step), torch.randint(0, 200, (BATCH,), generator=step_generator(SEED, 0, step, ROW_STREAM)))
         loss = ot_flow_matching_loss(flow, x1, **ahead.loss_kwargs(step))
         xt, ut = conditional_path(x0, x1, t, DEFAULT_SIGMA_MIN)
@@ -91,13 +91,23 @@ def test_only_a_standard_normal_base_is_paired_ahead() -> None:
     assert not can_pair_ahead(cnf.CNF(field, base=base))
 
 
-def train_ot(threads: int, iters: int, out: Path | None = None, resume: Path | None = None) -> cnf.CNF:
+def train_ot(
+    threads: int, iters: int, out: Path | None = None, resume: Path | None = None, ot_batch_size: int | None = None
+) -> cnf.CNF:
     flow = small_flow()
     cnf.train(
         flow, data(), objective="ot_flow_matching", iters=iters, batch_size=BATCH, seed=SEED, threads=threads,
-        lr=1e-2, out=out, resume=resume, checkpoint_every=1, progress=False,
+        lr=1e-2, out=out, resume=resume, checkpoint_every=1, progress=False, ot_batch_size=ot_batch_size,
     )  # fmt: skip
     return flow
+
+
+def test_training_with_ot_groups_does_not_depend_on_threads_and_differs_from_whole_batch_ot() -> None:
+    one, two = train_ot(threads=1, iters=4, ot_batch_size=8), train_ot(threads=2, iters=4, ot_batch_size=8)
+    whole = train_ot(threads=1, iters=4)
+    for p1, p2 in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(p2, p1, rtol=0, atol=1e-12)
+    assert any(not torch.allclose(p1, p0) for p1, p0 in zip(one.parameters(), whole.parameters()))
 
 
 def test_training_does_not_depend_on_threads_and_resumes_exactly(tmp_path: Path) -> None:

@@ -128,6 +128,12 @@ def test_recipes_by_dimension() -> None:
     assert "time_exponent" not in recipe("likelihood", 7, "tabular")
     assert "time_exponent" not in recipe("ot_flow_matching", 2, "toy")
     assert "time_exponent" not in recipe("flow_matching", 64, "image")
+    # OT within groups of 64 rows: OT flow matching on large continuous tables only
+    assert recipe("ot_flow_matching", 7, "tabular", n_train=80_000)["ot_batch_size"] == 64
+    assert "ot_batch_size" not in recipe("flow_matching", 7, "tabular", n_train=80_000)
+    assert "ot_batch_size" not in recipe("ot_flow_matching", 7, "tabular", n_train=19_999)
+    assert "ot_batch_size" not in recipe("ot_flow_matching", 64, "tabular", n_train=80_000, dequantized=True)
+    assert "ot_batch_size" not in recipe("ot_flow_matching", 2, "toy", n_train=80_000)
     # images: the EMA'd weights; large images validate on 500 images every 1,000 steps, so that
     # validation stays ~10 % of training (digits, 64 pixels, keep every 100 steps on all 180)
     digits, fashion = recipe("flow_matching", 64, "image"), recipe("flow_matching", 784, "image")
@@ -150,6 +156,22 @@ def test_cli_picks_the_time_exponent_by_whether_the_table_is_dequantised(
     given = ["--time-exponent", "3", "--out", str(tmp_path / "given")]
     assert main(["train", "--data", "digits", *given, *tiny]) == 0  # a flag overrides the recipe
     assert read_checkpoint(tmp_path / "given" / "checkpoint.pt")["settings"]["time_exponent"] == 3.0
+
+
+def test_cli_pairs_within_ot_groups_on_large_continuous_tables(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A continuous table of 20,000+ training rows gets the recipe's OT groups of 64 (said and
+    stored), a flag overrides them, and a bad value is refused by the flag's name."""
+    table = tmp_path / "large.npy"
+    np.save(table, np.random.default_rng(0).standard_normal((25_000, 3)) * [1.0, 2.0, 0.5])
+    tiny = ["--iters", "2", "--hidden", "8", "--val-every", "1", "--test-n", "10"]
+    assert main(["train", "--data", str(table), "--out", str(tmp_path / "a"), *tiny]) == 0
+    assert "OT pairing within groups of 64" in capsys.readouterr().out
+    assert read_checkpoint(tmp_path / "a" / "checkpoint.pt")["settings"]["ot_batch_size"] == 64
+    assert main(["train", "--data", str(table), "--out", str(tmp_path / "b"), "--ot-batch-size", "16", *tiny]) == 0
+    assert read_checkpoint(tmp_path / "b" / "checkpoint.pt")["settings"]["ot_batch_size"] == 16
+    with pytest.raises(SystemExit):
+        main(["train", "--data", str(table), "--out", str(tmp_path / "c"), "--ot-batch-size", "0", *tiny])
+    assert "--ot-batch-size: " in capsys.readouterr().err
 
 
 def test_exact_evaluation_scores_exactly_and_restores_training_settings() -> None:
