@@ -567,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds run are first-seed .. first-seed + seeds - 1"
+    )
+    parser.add_argument(
         "--evals",
         type=int,
         default=None,
@@ -616,10 +619,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             "test": int(ctx["test"].shape[0]),
             "preprocessing": ctx["notes"],
             "licence": ctx["licence"],
+            "cnf_default": default_recipe(ctx["dim"], ctx["dequantized"], int(ctx["train"].shape[0]), args.budget),
         }
         for model in models:
             runs = []
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 run = run_baseline if model in BASELINES else run_flow
                 runs.append(run(model, ctx, seed))
             rows.append(summarise(dataset, model, runs, ctx))
@@ -635,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         {
             "budget_seconds": args.budget,
             "seeds": args.seeds,
+            "first_seed": args.first_seed,
             "evals": args.evals,
             "eval_solver": {"method": "dopri5", "rtol": EVAL_TOL, "atol": EVAL_TOL, "divergence": "exact"},
             "recipes": {k: v for k, v in {**CNF_RECIPES, **RECIPE_VARIANTS}.items() if k in models},

@@ -81,9 +81,10 @@ class PairingsAhead:
 
     ``rows(step)`` are the step's minibatch indices into this rank's ``data``;
     ``loss_kwargs(step)`` hands the loss the step's generator and a ``pairing`` that returns the
-    x0 rows paired with the step's x1 (within groups of ``ot_batch_size`` rows when it is set). Steps go in blocks of ``world_size * threads``; when the
-    first step of a block asks for its pairing, the block's assignments are collected (solved in
-    the background since the previous block began) and the next block's are started. Every
+    x0 rows paired with the step's x1 (within groups of ``ot_batch_size`` rows when it is set).
+    Steps go in blocks of ``world_size * threads``; when the first step of a block asks for its
+    pairing, the block's assignments are collected (solved in the background since the previous
+    block began) and the next block's are started. Every
     rank must ask for the same steps in the same order (the training loop's lockstep does that):
     a block starts with one all-gather of every rank's draws and ends with one of the assignments.
     With ``threads=1`` each block is solved when it is asked for, in the training thread.
