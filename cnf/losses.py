@@ -142,7 +142,7 @@ def assignment(cost: np.ndarray, ot_batch_size: int | None = None) -> np.ndarray
     paired with columns of the same group: the OT coupling of minibatches of m, at a cost of
     O(n m^2) instead of O(n^3). Batches are random draws, so the groups are random subsets."""
     n = cost.shape[0]
-    m = n if ot_batch_size is None else check_ot_batch_size(ot_batch_size)
+    m = check_ot_batch_size(ot_batch_size) or max(n, 1)  # None: one group (an empty cost gives no rows)
     perm = np.empty(n, dtype=np.int64)
     for start in range(0, n, m):
         block = slice(start, min(start + m, n))

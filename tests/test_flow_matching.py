@@ -177,6 +177,8 @@ def test_ot_batch_size_solves_each_group_of_rows_alone() -> None:
     assert torch.equal(ot_pairing(x0, x1, ot_batch_size=11), ot_pairing(x0, x1))
     assert torch.equal(ot_pairing(x0, x1, ot_batch_size=50), ot_pairing(x0, x1))
     assert torch.equal(ot_pairing(x0, x1, ot_batch_size=1), torch.arange(11))
+    for m in (None, 4):  # no rows, no pairs (as the whole-batch solver always gave)
+        assert ot_pairing(x0[:0], x1[:0], ot_batch_size=m).shape == (0,)
     from cnf.distributed import global_ot_pairing  # without a process group: this process's pairing
 
     assert torch.equal(global_ot_pairing(x0, x1, ot_batch_size=4), x0[perm])
