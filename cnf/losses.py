@@ -348,7 +348,7 @@ OBJECTIVES: dict[str, Callable[..., torch.Tensor]] = {
 OBJECTIVE_OPTIONS: dict[str, tuple[str, ...]] = {
     "likelihood": ("kinetic_weight", "jacobian_weight"),
     "flow_matching": ("sigma_min", "time_exponent"),
-    "ot_flow_matching": ("sigma_min", "time_exponent"),
+    "ot_flow_matching": ("sigma_min", "time_exponent", "ot_batch_size"),
     "elbo": ("kl_warmup",),
 }
 
@@ -394,5 +394,6 @@ def make_objective(
         )
     if objective == "elbo":
         return elbo_loss
-    options = {"ot_batch_size": ot_batch_size} if ot_batch_size is not None else {}
-    return functools.partial(OBJECTIVES[objective], sigma_min=sigma_min, time_exponent=time_exponent, **options)
+    return functools.partial(
+        OBJECTIVES[objective], sigma_min=sigma_min, time_exponent=time_exponent, ot_batch_size=ot_batch_size
+    )
